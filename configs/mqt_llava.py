@@ -1,0 +1,47 @@
+r"""MQT-LLaVA-7B: CLIP ViT-L/14-336 + Matryoshka query transformer (M=256) + Vicuna-7B.
+
+The released architecture (SPEC section 2) and the paper's two-stage recipe.
+
+  python train.py --config=configs/mqt_llava.py:stage=1 --workdir=/ckpt/stage1
+  python train.py --config=configs/mqt_llava.py:stage=2 --workdir=/ckpt/stage2
+
+Knobs after `:`: stage (1|2), variant (official|perceiver).
+"""
+import ml_collections
+
+from mqt import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  knobs = config_lib.parse_knobs(arg, stage=2, variant="official")
+  if knobs.stage not in (1, 2):
+    raise ValueError(f"stage must be 1 or 2, got {knobs.stage}")
+  config = ml_collections.ConfigDict()
+  config.stage = knobs.stage
+
+  config.model = ml_collections.ConfigDict()
+  m = config.model
+  m.dtype = "bfloat16"  # Compute dtype; parameters stay float32.
+  m.param_dtype = "float32"
+  m.image_token_id = -200  # LLaVA's IMAGE_TOKEN_INDEX placeholder id.
+  m.train_vision = False  # CLIP is frozen in both stages.
+  m.vision = ml_collections.ConfigDict(dict(
+      image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
+      ln_eps=1e-5, channels=3,
+      select_layer=-2,  # hidden_states[-2]: the penultimate block, as LLaVA.
+      keep_cls=False))  # LLaVA's "patch" feature: class token dropped.
+  m.query = ml_collections.ConfigDict(dict(
+      variant=knobs.variant,
+      num_queries=256,  # M.
+      heads=16,
+      ln_eps=1e-6,
+      depth=2, mlp_dim=4096, latent_attention="prefix"))  # perceiver only.
+  m.llm = ml_collections.ConfigDict(dict(
+      vocab_size=32000, width=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
+      mlp_dim=11008, rms_eps=1e-5, rope_theta=10000.0,
+      scan_layers=True, remat_policy="full"))  # Gradient checkpointing, as the paper.
+
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.sharding.logical_axis_rules = config_lib.logical_axis_rules()
+  return config

@@ -1,0 +1,1 @@
+"""mqt: Matryoshka Query Transformer vision-language models in JAX/Flax (Linen)."""

@@ -1,0 +1,135 @@
+"""Read HF-format tensor files lazily: safetensors (own reader, mmap) and torch .bin.
+
+A checkpoint is a file (`*.safetensors`, `*.bin`), an index json
+(`*.index.json`, sharded), or a directory holding one of those. Tensors are
+read one at a time, so a 7B checkpoint never sits in memory twice.
+"""
+import json
+import mmap
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+    "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_DIR_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
+                   "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: the message names the key and file."""
+
+
+class _SafetensorsFile:
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+      (n,) = struct.unpack("<Q", head)
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+      self._data_start = 8 + n
+      self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    header.pop("__metadata__", None)
+    self.entries = header
+    for key, e in header.items():
+      start, end = e["data_offsets"]
+      if self._data_start + end > len(self._mm):
+        raise CheckpointError(f"{path}: tensor {key} runs past the end of the file "
+                              f"(truncated download?)")
+
+  def shape(self, key):
+    return tuple(self.entries[key]["shape"])
+
+  def get(self, key) -> np.ndarray:
+    e = self.entries[key]
+    if e["dtype"] not in _DTYPES:
+      raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
+    start, end = e["data_offsets"]
+    buf = self._mm[self._data_start + start:self._data_start + end]
+    return np.frombuffer(buf, dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+class _TorchFile:
+  def __init__(self, path: str):
+    try:
+      import torch  # Only needed for pickled checkpoints.
+    except ImportError:
+      raise CheckpointError(f"{path}: reading torch .bin checkpoints needs torch; "
+                            f"convert it to safetensors or install torch") from None
+    self.path = path
+    self._sd = torch.load(path, map_location="cpu", weights_only=True)
+    self.entries = {k: None for k in self._sd}
+
+  def shape(self, key):
+    return tuple(self._sd[key].shape)
+
+  def get(self, key) -> np.ndarray:
+    t = self._sd[key]
+    if str(t.dtype) == "torch.bfloat16":
+      return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _open_file(path: str):
+  if path.endswith(".safetensors"):
+    return _SafetensorsFile(path)
+  if path.endswith((".bin", ".pt", ".pth")):
+    return _TorchFile(path)
+  raise CheckpointError(f"{path}: not a .safetensors or .bin file")
+
+
+class TensorSource:
+  """Name -> tensor view over one checkpoint file, a sharded index, or a directory."""
+
+  def __init__(self, path: str):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      found = [c for c in _DIR_CANDIDATES if os.path.exists(os.path.join(path, c))]
+      if not found:
+        raise CheckpointError(f"{path}: no checkpoint found; looked for {list(_DIR_CANDIDATES)}")
+      path = os.path.join(path, found[0])
+    if not os.path.exists(path):
+      raise CheckpointError(f"{path}: checkpoint file does not exist")
+    self.name = path
+    self._where = {}
+    if path.endswith(".json"):
+      try:
+        with open(path) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a valid checkpoint index ({e!r})") from None
+      files = {}
+      for key, rel in weight_map.items():
+        if rel not in files:
+          full = os.path.join(os.path.dirname(path), rel)
+          if not os.path.exists(full):
+            raise CheckpointError(f"{path}: shard {rel} (holding {key}) is missing")
+          files[rel] = _open_file(full)
+        if key not in files[rel].entries:
+          raise CheckpointError(f"{path}: index maps {key} to {rel}, which lacks it")
+        self._where[key] = files[rel]
+    else:
+      f = _open_file(path)
+      self._where = {k: f for k in f.entries}
+
+  def keys(self):
+    return self._where.keys()
+
+  def __contains__(self, key):
+    return key in self._where
+
+  def shape(self, key):
+    return self._where[key].shape(key)
+
+  def get(self, key) -> np.ndarray:
+    return self._where[key].get(key)

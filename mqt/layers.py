@@ -1,0 +1,89 @@
+"""Building blocks shared by the vision tower, query transformer and decoder.
+
+Einsum letters used across the package:
+  B batch, T query length, S key length, N query heads, K key/value heads,
+  H head dim, D model width, F feed-forward width, V vocabulary, M latents.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
+`vocab`, `layers`, ...); one rule table (config `sharding.logical_axis_rules`)
+maps them to mesh axes.
+"""
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+
+def logical(init, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features: int, names: Sequence[str | None], *, use_bias: bool,
+          dtype: Dtype, param_dtype: Dtype, name: str,
+          kernel_init=nn.initializers.lecun_normal()) -> nn.Dense:
+  """A Dense layer whose kernel [in, out] and bias [out] carry logical names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(kernel_init, names),
+      bias_init=logical(nn.initializers.zeros_init(), (names[-1],)),
+      name=name)
+
+
+def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str,
+               axis_name: str = "embed") -> nn.LayerNorm:
+  """LayerNorm with torch's two-pass variance (exact against nn.LayerNorm)."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=logical(nn.initializers.ones_init(), (axis_name,)),
+      bias_init=logical(nn.initializers.zeros_init(), (axis_name,)),
+      name=name)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm: statistics in float32, scale applied in the input dtype."""
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", logical(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              mask: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (grouped-query).
+    mask: boolean, broadcastable to [B, N, T, S]; True = may attend.
+  Returns:
+    [B, T, N, H].
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def remat_policy(name: str):
+  """Named rematerialization policies for `nn.remat` (config `remat_policy`)."""
+  policies = {
+      "full": None,  # Save nothing, recompute the whole block.
+      "dots": jax.checkpoint_policies.dots_saveable,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "nothing": jax.checkpoint_policies.nothing_saveable,
+  }
+  if name not in policies:
+    raise ValueError(f"unknown remat_policy {name!r}; choose one of "
+                     f"{['none', *policies]}")
+  return policies[name]
