@@ -1,0 +1,1 @@
+"""Input pipeline: LLaVA conversation data, images, tokenization, grain and TFDS."""
