@@ -44,4 +44,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.sharding.logical_axis_rules = config_lib.logical_axis_rules()
+
+  # The paper's recipe (SPEC section 3). Paths are empty on purpose: set them
+  # with --config.x=... (a missing one is an error that names the field).
+  config_lib.run_block(config)
+  config.run_stages = str(knobs.stage)
+  config.data.max_len = 2048
+  config.checkpoint.every = 500
+  config.log_every = 10
+  config.init.kind = "hf"  # Stage 1 starts from CLIP-L/336 and Vicuna-7B v1.5.
+  # Stage 1: LCS-558K captions, m = M, only the query transformer, lr 1e-3, batch 256, 1 epoch.
+  config.stage1 = config_lib.stage_block(
+      steps=2180, lr=1e-3, rules=config_lib.STAGE1_RULES, matryoshka_kind="fixed", m=256,
+      data=config_lib.data_block(kind="json", template="plain", image_mode="crop",
+                                 batch_size=256, group_by_modality=False))
+  # Stage 2: the 665K mix, m uniform over even 2..256 per step, query transformer + LLM,
+  # lr 2e-5, batch 128, 2 epochs; parameters from the stage-1 run.
+  config.stage2 = config_lib.stage_block(
+      steps=10390, lr=2e-5, rules=config_lib.STAGE2_RULES, matryoshka_kind="official",
+      data=config_lib.data_block(kind="json", template="vicuna_v1", image_mode="pad",
+                                 batch_size=128, group_by_modality=True))
+  if knobs.stage == 2:
+    config.init.kind = "random"  # Replaced by stage2.init_from (the stage-1 checkpoints).
+  config.eval.ms = (2, 4, 8, 16, 36, 64, 144, 256)
+  config.eval.data.kind = "json"
   return config

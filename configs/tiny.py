@@ -38,4 +38,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding.logical_axis_rules = config_lib.logical_axis_rules()
+
+  # Both stages on the built-in synthetic data (prepared under <workdir>/data
+  # on first use). What differs from the paper, and why: the towers are
+  # random, not pretrained CLIP and Vicuna, so stage 1 also trains the LLM (a
+  # frozen random LLM cannot learn to caption); lr 1e-3 throughout (a small
+  # model from scratch, not a 7B fine-tune); minutes of CPU, not GPU-days.
+  config_lib.run_block(config)
+  config.run_stages = "1,2"
+  config.data.max_len = 96
+  config.checkpoint.every = 200
+  config.log_every = 50
+  config.stage1 = config_lib.stage_block(
+      steps=300, lr=1e-3, rules=(("^query/", 1.0), ("^llm/", 1.0), ("^vision/", None)),
+      matryoshka_kind="fixed", m=0,
+      data=config_lib.data_block(split="captions", template="plain", image_mode="pad",
+                                 batch_size=32, group_by_modality=False))
+  config.stage2 = config_lib.stage_block(
+      steps=1200, lr=1e-3, rules=config_lib.STAGE2_RULES, matryoshka_kind="official",
+      data=config_lib.data_block(split="instruct", template="vicuna_v1", image_mode="pad",
+                                 batch_size=32, group_by_modality=True))
+  config.eval.ms = (1, 2, 4, 8, 16)
   return config

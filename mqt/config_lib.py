@@ -44,3 +44,68 @@ def logical_axis_rules():
       ("latents", None),
       ("layers", None),
   )
+
+
+def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="pad",
+               batch_size=32, group_by_modality=True):
+  """Where one stage (or the evaluation) reads its samples from."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind,  # builtin (the synthetic set, prepared on first use) | tfds | json
+      split=split,  # builtin/tfds split: captions | instruct | eval | train
+      dataset_dir="",  # tfds: a folder prepared by `python -m data.prepare`
+      json_path="",  # json: a LLaVA conversation JSON ...
+      image_folder="",  # ... and the folder its image paths are relative to
+      template=template,  # plain (stage 1) | vicuna_v1 (stage 2, eval)
+      image_mode=image_mode,  # crop (stage 1) | pad (stage 2, eval)
+      batch_size=batch_size,  # Global batch size.
+      group_by_modality=group_by_modality))  # All-image or all-text batches.
+
+
+def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0.03,
+                accum_steps=1, clip_norm=0.0):
+  """One stage of the recipe: data, optimizer groups and the m distribution."""
+  return ml_collections.ConfigDict(dict(
+      steps=steps,  # Optimizer steps in this stage.
+      accum_steps=accum_steps,  # Gradient accumulation micro-batches per step.
+      init_from="",  # A checkpoint directory to take parameters from (else the previous stage).
+      data=data,
+      optim=ml_collections.ConfigDict(dict(
+          lr=lr, warmup=warmup,  # warmup: a fraction of steps (< 1) or a step count.
+          b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+          clip_norm=clip_norm,  # 0: no clipping (the paper's practice).
+          # Ordered (regex over "component/.../leaf" paths, lr multiplier or None = frozen).
+          rules=rules)),
+      matryoshka=ml_collections.ConfigDict(dict(
+          kind=matryoshka_kind,  # official | uniform | log_uniform | fixed | list
+          m=m,  # fixed: the m (0 = M)
+          ms=tuple(ms)))))  # list: every m of a step
+
+
+STAGE1_RULES = (("^query/", 1.0), ("^vision/", None), ("^llm/", None))
+STAGE2_RULES = (("^query/", 1.0), ("^llm/", 1.0), ("^vision/", None))
+
+
+def run_block(config):
+  """Fields every training config shares (filled in place)."""
+  config.seed = 0
+  config.tokenizer_path = ""  # A LLaMA tokenizer.model (builtin data brings its own).
+  config.log_every = 10
+  config.data = ml_collections.ConfigDict(dict(
+      max_len=2048,  # Tokens after the image is spliced in (T = max_len - M + 1 text tokens).
+      overlong="truncate",  # truncate | reject (both counted, never silent)
+      on_error="fail",  # fail (name the sample) | skip (log and count)
+      worker_count=0,  # grain worker processes
+      data_dir="",  # builtin: where the synthetic set is prepared ("" = <workdir>/data)
+      builtin_seed=0, builtin_image_size=64,
+      builtin_sizes=ml_collections.ConfigDict(dict(captions=4000, instruct=12000, eval=600))))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, use_async=True))
+  config.init = ml_collections.ConfigDict(dict(
+      kind="random",  # random | hf
+      mqt_llava="",  # hf: an HF-format MQT-LLaVA checkpoint, or ...
+      clip="", llm=""))  # ... HF CLIP vision + LLaMA/Vicuna checkpoints
+  config.eval = ml_collections.ConfigDict(dict(
+      ms=(1, 2, 4, 8, 16),
+      data=data_block(split="eval", batch_size=64, group_by_modality=False),
+      chance=ml_collections.ConfigDict()))
+  config.distributed = False  # True on multi-host pods: jax.distributed.initialize().
+  return config

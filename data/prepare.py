@@ -1,0 +1,102 @@
+r"""Prepare datasets as TFDS ArrayRecord folders (no TensorFlow needed).
+
+  # The built-in synthetic set (+ its tokenizer), as train.py does on first use:
+  python -m data.prepare --kind=synthetic --data_dir=/data/mqt
+  # A LLaVA conversation JSON and its image folder (e.g. LCS-558K, the 665K mix):
+  python -m data.prepare --kind=llava --data_dir=/data/mqt --name=llava665k \
+      --json=/data/llava_v1_5_mix665k.json --image_folder=/data/images --on_error=skip
+
+It prints the folder to pass as `--config.stage2.data.dataset_dir` (kind tfds).
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from data import tfds_builders
+from data.sources import DataError
+
+SYNTHETIC = "mqt_synthetic"
+
+
+def builtin_root(data_dir: str) -> str:
+  return tfds_builders.dataset_dir(data_dir, SYNTHETIC)
+
+
+def builtin_tokenizer_path(data_dir: str) -> str:
+  return os.path.join(data_dir, SYNTHETIC + "_tokenizer", "tokenizer.model")
+
+
+def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=None) -> str:
+  """Prepares the built-in synthetic set (and tokenizer) unless already there."""
+  from data import synthetic  # pylint: disable=import-outside-toplevel
+  from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  sizes = dict(sizes or {"captions": 4000, "instruct": 12000, "eval": 600})
+  root = builtin_root(data_dir)
+  wanted = {"seed": seed, "image_size": image_size, "sizes": sizes}
+  stamp = os.path.join(data_dir, SYNTHETIC + "_settings.json")
+  if os.path.exists(os.path.join(root, "dataset_info.json")):
+    with open(stamp) as f:
+      have = json.load(f)
+    if have != wanted:
+      raise DataError(f"{root} holds the built-in set prepared with {have}, but {wanted} is "
+                      f"asked for; use another data_dir or delete it")
+    return root
+  os.makedirs(data_dir, exist_ok=True)
+  tok_path = builtin_tokenizer_path(data_dir)
+  if not os.path.exists(tok_path):
+    print(f"training the built-in tokenizer -> {tok_path}", flush=True)
+    os.makedirs(os.path.dirname(tok_path), exist_ok=True)
+    tokenizer_lib.train_tokenizer(synthetic.corpus_text(seed, 4000), tok_path,
+                                  vocab_size=synthetic.TOKENIZER_VOCAB)
+  print(f"preparing the built-in synthetic dataset {sizes} -> {root}", flush=True)
+  builder = tfds_builders.MqtSynthetic(seed=seed, image_size=image_size, sizes=sizes,
+                                       data_dir=data_dir)
+  builder.download_and_prepare()
+  with open(stamp, "w") as f:
+    json.dump(wanted, f)
+  return root
+
+
+def prepare_llava(json_path: str, image_folder: str, name: str, data_dir: str,
+                  on_error: str = "fail") -> str:
+  builder = tfds_builders.LlavaConversations(
+      json_path=json_path, image_folder=image_folder, on_error=on_error, data_dir=data_dir,
+      config=tfds_builders.tfds.core.BuilderConfig(name=name))
+  builder.download_and_prepare()
+  skipped = (builder.info.metadata or {}).get("skipped", {}).get("train", [])
+  if skipped:
+    logging.warning("%d samples were skipped: %s", len(skipped), skipped[:5])
+    print(f"{len(skipped)} samples skipped (listed in dataset metadata)", flush=True)
+  return tfds_builders.dataset_dir(data_dir, "llava_conversations", name)
+
+
+_KIND = flags.DEFINE_enum("kind", "synthetic", ["synthetic", "llava"], "What to prepare.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS folders are written.")
+_JSON = flags.DEFINE_string("json", None, "llava: the conversation JSON.")
+_IMAGES = flags.DEFINE_string("image_folder", None, "llava: the image folder.")
+_NAME = flags.DEFINE_string("name", "custom", "llava: a name for this dataset.")
+_ON_ERROR = flags.DEFINE_enum("on_error", "fail", ["fail", "skip"],
+                              "llava: a missing/unreadable image fails, or is skipped and counted.")
+_SEED = flags.DEFINE_integer("seed", 0, "synthetic: seed.")
+_SIZE = flags.DEFINE_integer("image_size", 64, "synthetic: image size.")
+
+
+def main(argv):
+  del argv
+  if not _DATA_DIR.value:
+    raise app.UsageError("--data_dir is required")
+  if _KIND.value == "synthetic":
+    out = ensure_builtin(_DATA_DIR.value, seed=_SEED.value, image_size=_SIZE.value)
+  else:
+    if not _JSON.value:
+      raise app.UsageError("--json is required for --kind=llava")
+    out = prepare_llava(_JSON.value, _IMAGES.value or "", _NAME.value, _DATA_DIR.value,
+                        _ON_ERROR.value)
+  print(f"prepared: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

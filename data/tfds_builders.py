@@ -1,0 +1,139 @@
+"""TFDS builders (ArrayRecord files, no TensorFlow) for LLaVA data and the built-in set.
+
+  LlavaConversations  a LLaVA conversation JSON + image folder; one builder
+                      config per user dataset (its name chosen at prepare time).
+  MqtSynthetic        the built-in synthetic dataset (data/synthetic.py):
+                      splits `captions` (stage 1), `instruct` (stage 2), `eval`.
+
+Records store the encoded image file bytes as they are (JPEG, PNG, ...), the
+conversation as JSON text, and the sample id; per-split `has_image` bitmaps and
+the skipped samples go into the dataset metadata. Read them back with
+`data.sources.TfdsSource(dataset_dir(...), split)`; preparing is
+`python -m data.prepare` (see its --help).
+"""
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data.sources import DataError, load_llava_json, pack_bits
+
+log = logging.getLogger(__name__)
+
+
+def _features():
+  return tfds.features.FeaturesDict({
+      "id": tfds.features.Text(),
+      "conversations": tfds.features.Text(),  # JSON list of {"from", "value"}.
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # Encoded bytes or b"".
+      "image_name": tfds.features.Text(),
+      "has_image": tfds.features.Scalar(dtype=np.bool_),
+      "meta": tfds.features.Text(),  # JSON of the record's other fields (type, answer, ...).
+  })
+
+
+def _meta(rec):
+  return json.dumps({k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder):
+  """Shared metadata bookkeeping: has_image bitmaps and skipped samples."""
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault("file_format", "array_record")  # tfrecord would need TensorFlow.
+    super().__init__(**kwargs)
+
+  def _info(self):
+    # Generation order is kept (no shuffling by key) so that the has_image
+    # bitmap lines up with record indices; the pipeline shuffles per epoch.
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
+                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  def _record_split(self, split, flags, skipped):
+    meta = self.info.metadata
+    meta.setdefault("has_image", {})[split] = pack_bits(flags)
+    meta.setdefault("skipped", {})[split] = skipped
+
+
+class LlavaConversations(_Builder):
+  """A LLaVA-format conversation JSON and its image folder."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, json_path=None, image_folder=None, on_error="fail", **kwargs):
+    self._json_path, self._image_folder, self._on_error = json_path, image_folder, on_error
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if not self._json_path:
+      raise DataError("LlavaConversations needs json_path to prepare")
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    records = load_llava_json(self._json_path)
+    flags, skipped = [], []
+    for i, rec in enumerate(records):
+      sid = str(rec.get("id", f"#{i}"))
+      data = b""
+      if "image" in rec:
+        path = os.path.join(self._image_folder or "", rec["image"])
+        try:
+          with open(path, "rb") as f:
+            data = f.read()
+          Image.open(io.BytesIO(data)).verify()
+        except Exception as e:  # pylint: disable=broad-except
+          msg = f"sample {sid}: image {path} is missing or unreadable ({type(e).__name__}: {e})"
+          if self._on_error == "fail":
+            raise DataError(msg) from None
+          log.warning("skipping %s", msg)
+          skipped.append([sid, msg])
+          continue
+      flags.append("image" in rec)
+      yield sid, {"id": sid, "conversations": json.dumps(rec["conversations"]),
+                  "image": data, "image_name": rec.get("image", ""), "has_image": "image" in rec,
+                  "meta": _meta(rec)}
+    self._record_split("train", flags, skipped)
+    if skipped:
+      log.warning("%d samples skipped while preparing %s", len(skipped), self._json_path)
+
+
+class MqtSynthetic(_Builder):
+  """The built-in synthetic scenes (data/synthetic.py), encoded as PNG."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, seed=0, image_size=64, sizes=None, **kwargs):
+    self._seed, self._image_size = seed, image_size
+    self._sizes = dict(sizes or {"captions": 4000, "instruct": 12000, "eval": 600})
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self._sizes}
+
+  def _generate_examples(self, split):
+    from data import synthetic  # pylint: disable=import-outside-toplevel
+    flags = []
+    for rec, image in synthetic.iter_records(self._seed, split, self._sizes[split],
+                                             image_size=self._image_size):
+      data = b""
+      if image is not None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+      flags.append(image is not None)
+      yield rec["id"], {"id": rec["id"], "conversations": json.dumps(rec["conversations"]),
+                        "image": data, "image_name": rec.get("image", ""),
+                        "has_image": image is not None, "meta": _meta(rec)}
+    self._record_split(split, flags, [])
+
+
+def dataset_dir(data_dir: str, builder_name: str, config: str | None = None,
+                version: str = "1.0.0") -> str:
+  parts = [data_dir, builder_name] + ([config] if config else []) + [version]
+  return os.path.join(*parts)

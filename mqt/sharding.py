@@ -1,0 +1,64 @@
+"""Device mesh and shardings from the config (maxtext-style logical axes).
+
+`config.sharding.mesh` gives the sizes of the `data`, `fsdp` and `tensor`
+axes (one may be -1: all remaining devices); `logical_axis_rules` maps the
+logical names that every parameter carries to mesh axes. The mesh uses Auto
+axis types (recent `jax.make_mesh` defaults to Explicit, which Linen's logical
+constraints do not support).
+"""
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(spec, n_devices: int) -> tuple[int, ...]:
+  sizes = [int(spec[a]) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f"{n_devices} devices do not divide by mesh {dict(zip(AXES, sizes))}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"there are {n_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(spec, devices=None) -> jax.sharding.Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(spec, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def param_shardings(abstract_boxed, mesh, rules):
+  """Boxed abstract params (nn.LogicallyPartitioned leaves) -> NamedSharding tree."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) dimension over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, mesh, process_local: bool = True) -> dict:
+  """Host numpy batch (this process's rows) -> global sharded jax arrays."""
+  sharding = batch_sharding(mesh)
+  out = {}
+  for k, v in batch.items():
+    if v.dtype == object:
+      continue  # Host-only fields (sample ids).
+    if process_local and jax.process_count() > 1:
+      out[k] = jax.make_array_from_process_local_data(sharding, v)
+    else:
+      out[k] = jax.device_put(v, sharding)
+  return out
