@@ -25,4 +25,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: progress lines, not library INFO.
   app.run(main)

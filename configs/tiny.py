@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       variant=knobs.variant, num_queries=16, heads=4, ln_eps=1e-6,
       depth=1, mlp_dim=128, latent_attention="prefix"))
   m.llm = ml_collections.ConfigDict(dict(
-      vocab_size=512, width=128, depth=2, heads=4, kv_heads=2, head_dim=32,
+      vocab_size=1024, width=128, depth=2, heads=4, kv_heads=2, head_dim=32,
       mlp_dim=256, rms_eps=1e-5, rope_theta=10000.0,
       scan_layers=False, remat_policy="none"))
 
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model from scratch, not a 7B fine-tune); minutes of CPU, not GPU-days.
   config_lib.run_block(config)
   config.run_stages = "1,2"
-  config.data.max_len = 96
+  config.data.max_len = 128
   config.checkpoint.every = 200
   config.log_every = 50
   config.stage1 = config_lib.stage_block(

@@ -29,6 +29,7 @@ import logging
 
 import grain
 import numpy as np
+from absl import flags
 
 from data import images as images_lib
 from data import templates
@@ -212,6 +213,10 @@ def make_dataset(source, cfg: PipelineConfig) -> grain.IterDataset:
     steps = grain.MapDataset.range(plan.batches_per_epoch * cfg.num_epochs)
   ds = steps.map_with_index(BatchLoader(source, plan, cfg)).to_iter_dataset()
   if cfg.worker_count:
+    # grain's worker processes read absl flags; outside an absl app (a notebook,
+    # pytest) they would fail on unparsed flags.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   return ds
 

@@ -19,6 +19,7 @@ from data import tfds_builders
 from data.sources import DataError
 
 SYNTHETIC = "mqt_synthetic"
+BUILTIN_VOCAB = 1024  # Halves sequence lengths against 512 (the system prompt is long).
 
 
 def builtin_root(data_dir: str) -> str:
@@ -50,7 +51,7 @@ def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=Non
     print(f"training the built-in tokenizer -> {tok_path}", flush=True)
     os.makedirs(os.path.dirname(tok_path), exist_ok=True)
     tokenizer_lib.train_tokenizer(synthetic.corpus_text(seed, 4000), tok_path,
-                                  vocab_size=synthetic.TOKENIZER_VOCAB)
+                                  vocab_size=BUILTIN_VOCAB)
   print(f"preparing the built-in synthetic dataset {sizes} -> {root}", flush=True)
   builder = tfds_builders.MqtSynthetic(seed=seed, image_size=image_size, sizes=sizes,
                                        data_dir=data_dir)

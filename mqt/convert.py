@@ -16,12 +16,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import traverse_util
 
 from mqt.checkpoint_io import CheckpointError, TensorSource
 from mqt.decoder import LlamaConfig, LlamaDecoder
-from mqt.model import ModelConfig, abstract_params
+from mqt.model import ModelConfig, abstract_params, unbox_abstract
 from mqt.query_transformer import QueryConfig, make_query_transformer
 from mqt.vision import VisionConfig, VisionTower
 
@@ -160,11 +159,11 @@ class _Reader:
 
 
 def _expected(cfg: ModelConfig):
-  return nn.unbox(abstract_params(cfg))["params"]
+  return unbox_abstract(abstract_params(cfg))["params"]
 
 
 def _abstract(module, *args):
-  return nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args)))["params"]
+  return unbox_abstract(jax.eval_shape(lambda: module.init(jax.random.key(0), *args)))["params"]
 
 
 def expected_vision(v: VisionConfig):

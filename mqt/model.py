@@ -185,9 +185,17 @@ def abstract_params(cfg: ModelConfig) -> Any:
                                            cfg.query.num_queries))
 
 
+def unbox_abstract(tree):
+  """Strips logical-partitioning boxes without applying sharding constraints
+  (which abstract values outside a trace cannot take, e.g. under `jax.set_mesh`)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Parameters per top-level component and in total, from abstract shapes."""
-  params = nn.unbox(abstract_params(cfg))["params"]
+  params = unbox_abstract(abstract_params(cfg))["params"]
   counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
   counts["total"] = sum(counts.values())
   return counts

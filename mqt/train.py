@@ -31,7 +31,7 @@ from mqt import metrics as metrics_lib
 from mqt import optim
 from mqt import sharding as shard_lib
 from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params, dummy_inputs,
-                       next_token_loss)
+                       next_token_loss, unbox_abstract)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -126,10 +126,19 @@ def pipeline_config(config, d, model_cfg: ModelConfig, workdir: str, *, train: b
   """A data block -> data.pipeline.PipelineConfig (eval: one ordered pass, fail on errors)."""
   from data import pipeline  # pylint: disable=import-outside-toplevel
   max_text_len = config.data.max_len - model_cfg.query.num_queries + 1
+  if max_text_len < 2:
+    raise ValueError(f"config.data.max_len={config.data.max_len} leaves no room for text after "
+                     f"{model_cfg.query.num_queries} visual tokens")
+  tok_path = tokenizer_path(config, d, workdir)
+  from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  vocab = tokenizer_lib.Tokenizer.load(tok_path).vocab_size
+  if vocab > model_cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer {tok_path} has {vocab} pieces but the model's vocabulary is "
+                     f"{model_cfg.llm.vocab_size} (config.model.llm.vocab_size)")
   return pipeline.PipelineConfig(
       batch_size=d.batch_size, max_text_len=max_text_len,
       image_size=model_cfg.vision.image_size, template=d.template, image_mode=d.image_mode,
-      tokenizer_path=tokenizer_path(config, d, workdir), seed=config.seed, shuffle=train,
+      tokenizer_path=tok_path, seed=config.seed, shuffle=train,
       group_by_modality=train and d.group_by_modality, num_epochs=None if train else 1,
       overlong=config.data.overlong, on_error=config.data.on_error if train else "fail",
       worker_count=config.data.worker_count if train else 0,
@@ -180,7 +189,7 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   rules = tuple(config.sharding.logical_axis_rules)
   boxed = abstract_params(model_cfg)["params"]
   p_shard = shard_lib.param_shardings(boxed, mesh, rules)
-  abstract = nn.unbox(boxed)
+  abstract = unbox_abstract(boxed)
   total = int(stage_cfg.steps)
   tx, labels, sched = optim.make_optimizer(abstract, stage_cfg.optim, total)
   sampler = matryoshka.MSampler(stage_cfg.matryoshka.kind, model_cfg.query.num_queries,
@@ -393,7 +402,7 @@ def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
   boxed = abstract_params(model_cfg)["params"]
   shardings = shard_lib.param_shardings(boxed, mesh, tuple(config.sharding.logical_axis_rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
+                        unbox_abstract(boxed), shardings)
   manager = ocp.CheckpointManager(os.path.abspath(directory))
   step = manager.latest_step()
   if step is None:

@@ -1,0 +1,226 @@
+"""The grain pipeline on real images: exact resume, process shards, TFDS, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import pipeline
+from data import prepare
+from data import templates
+from data import tokenizer as tokenizer_lib
+from data.sources import DataError, LlavaJsonSource, TfdsSource
+
+CORPUS = [
+    templates.SYSTEM, "USER: ASSISTANT:",
+    "What is in the picture? A cat sitting on a chair.",
+    "Describe the image. An astronaut in a white suit with a flag.",
+    "How many digits are there? One digit, the number seven.",
+    "What color is the cup? The coffee cup is white and brown.",
+] * 20
+
+
+def _photos():
+  import skimage.data
+  from sklearn.datasets import load_digits
+  photos = {"astronaut.jpg": skimage.data.astronaut(), "coffee.jpg": skimage.data.coffee(),
+            "chelsea.png": skimage.data.chelsea(), "camera.png": skimage.data.camera(),
+            "rocket.jpg": skimage.data.rocket()}
+  digits = load_digits()
+  for i in range(6):
+    photos[f"digits/{i}.png"] = (digits.images[i] * 16).astype(np.uint8).repeat(4, 0).repeat(4, 1)
+  return photos
+
+
+def _conv(q, a, image=True):
+  return [{"from": "human", "value": ("<image>\n" if image else "") + q},
+          {"from": "gpt", "value": a}]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("llava")
+  images = root / "images"
+  records = []
+  for i, (name, array) in enumerate(_photos().items()):
+    path = images / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    records.append({"id": f"img{i}", "image": name, "conversations": _conv(
+        "What is in the picture?", f"Picture {i}: a photo.")})
+  for i in range(3):
+    records.append({"id": f"txt{i}", "conversations": _conv("How many digits?", "One.", False)})
+  (root / "data.json").write_text(json.dumps(records))
+  tok = tokenizer_lib.train_tokenizer(CORPUS, str(root / "tok" / "tokenizer.model"), vocab_size=400)
+  return root, tok, records
+
+
+def _cfg(tok, **kw):
+  base = dict(batch_size=4, max_text_len=128, image_size=32, tokenizer_path=tok, seed=3,
+              num_epochs=2)
+  base.update(kw)
+  return pipeline.PipelineConfig(**base)
+
+
+def _source(root):
+  return LlavaJsonSource(str(root / "data.json"), str(root / "images"))
+
+
+def _same(a, b):
+  for k in ("images", "input_ids", "text_mask", "labels", "skipped", "empty"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert list(a["sample_id"]) == list(b["sample_id"])
+
+
+def test_resume_from_state_gives_the_same_batches(llava_dir):
+  root, tok, _ = llava_dir
+  ds = pipeline.make_dataset(_source(root), _cfg(tok))
+  it = iter(ds)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  rest = list(it)
+  it2 = iter(ds)
+  it2.set_state(json.loads(json.dumps(state)))  # States survive JSON (checkpoints).
+  rest2 = list(it2)
+  assert len(rest) == len(rest2) > 0
+  for a, b in zip(rest, rest2):
+    _same(a, b)
+
+
+def test_workers_give_the_same_batches(llava_dir):
+  root, tok, _ = llava_dir
+  plain = list(pipeline.make_dataset(_source(root), _cfg(tok)))
+  workers = list(pipeline.make_dataset(_source(root), _cfg(tok, worker_count=2)))
+  assert len(plain) == len(workers)
+  for a, b in zip(plain, workers):
+    _same(a, b)
+
+
+def test_two_processes_get_disjoint_shards_that_cover(llava_dir):
+  root, tok, records = llava_dir
+  seen = []
+  for p in range(2):
+    cfg = _cfg(tok, process_index=p, process_count=2, num_epochs=1)
+    ids = [i for b in pipeline.make_dataset(_source(root), cfg) for i in b["sample_id"] if i]
+    assert len(ids) == len(set(ids))
+    seen.append(set(ids))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == {r["id"] for r in records}
+
+
+def test_batches_are_grouped_by_modality_and_lose_nothing(llava_dir):
+  root, tok, records = llava_dir
+  batches = list(pipeline.make_dataset(_source(root), _cfg(tok, num_epochs=1)))
+  ids = [i for b in batches for i in b["sample_id"] if i]
+  assert sorted(ids) == sorted(r["id"] for r in records)
+  for b in batches:
+    rows = ~b["empty"]
+    has_image = (b["input_ids"] == templates.IMAGE_TOKEN_ID).any(axis=1)[rows]
+    assert has_image.all() or not has_image.any()
+    assert b["input_ids"].shape == (4, 128) and b["images"].shape == (4, 32, 32, 3)
+
+
+def test_tfds_builder_to_model_ready_batches(llava_dir, tmp_path):
+  import jax
+  from flax import linen as nn
+  from configs import tiny
+  from mqt.model import MQTLLaVA, ModelConfig, next_token_loss
+  root, tok, records = llava_dir
+  out = prepare.prepare_llava(str(root / "data.json"), str(root / "images"), "mini",
+                              str(tmp_path))
+  src = TfdsSource(out, "train")
+  assert len(src) == len(records) and src.has_image.sum() == len(records) - 3
+  json_batches = list(pipeline.make_dataset(_source(root), _cfg(tok, image_size=64)))
+  tfds_batches = list(pipeline.make_dataset(src, _cfg(tok, image_size=64)))
+  for a, b in zip(json_batches, tfds_batches):
+    _same(a, b)
+  cfg = ModelConfig.from_config(tiny.get_config().model)
+  model = MQTLLaVA(cfg)
+  batch = next(b for b in tfds_batches if (b["input_ids"] == -200).any())
+  ids = np.minimum(batch["input_ids"], cfg.llm.vocab_size - 1)  # The tiny vocab is smaller.
+  ids[batch["input_ids"] == -200] = -200
+  params = nn.unbox(model.init(jax.random.key(0), batch["images"], ids, batch["text_mask"], 16))
+  logits, layout = model.apply(params, batch["images"], ids, batch["text_mask"], 8)
+  loss, aux = next_token_loss(logits, layout, np.minimum(batch["labels"], cfg.llm.vocab_size - 1))
+  assert np.isfinite(float(loss)) and int(aux["tokens"]) > 0
+
+
+# ---------------------------------------------------------------------------
+# Bad input: fail naming the sample, or skip and count.
+
+def _write(tmp_path, records, images=("good.png",)):
+  (tmp_path / "img").mkdir(exist_ok=True)
+  for name in images:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / name)
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps(records))
+  return str(path), str(tmp_path / "img")
+
+
+BAD = {
+    "missing image": ({"image": "nope.png", "conversations": _conv("q?", "a.")}, "nope.png"),
+    "corrupt image": ({"image": "corrupt.png", "conversations": _conv("q?", "a.")}, "corrupt.png"),
+    "no <image> with an image": ({"image": "good.png", "conversations": _conv("q?", "a.", False)},
+                                 "bad"),
+    "<image> without image": ({"conversations": _conv("q?", "a.")}, "bad"),
+    "turns do not alternate": ({"image": "good.png", "conversations": _conv("q?", "a.") + [
+        {"from": "gpt", "value": "again"}]}, "bad"),
+    "too long": ({"image": "good.png", "conversations": _conv("q " * 300, "a.")}, "bad"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sample_fails_naming_it(llava_dir, tmp_path, case):
+  _, tok, _ = llava_dir
+  record, culprit = BAD[case]
+  (tmp_path / "img").mkdir()
+  (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+  path, folder = _write(tmp_path, [{"id": "fine", "image": "good.png",
+                                    "conversations": _conv("q?", "a.")},
+                                   {"id": "bad", **record}])
+  cfg = _cfg(tok, overlong="reject", num_epochs=1, shuffle=False, group_by_modality=False)
+  with pytest.raises(DataError, match=r"sample bad\b.*") as err:
+    list(pipeline.make_dataset(LlavaJsonSource(path, folder), cfg))
+  assert culprit in str(err.value)
+  skip = list(pipeline.make_dataset(LlavaJsonSource(path, folder),
+                                    _cfg(tok, overlong="reject", num_epochs=1, on_error="skip")))
+  assert sum(int(b["skipped"].sum()) for b in skip) == 1
+  assert sum(int(b["text_mask"].any(axis=1).sum()) for b in skip) == 1  # "fine" survives.
+
+
+def test_truncation_is_counted(llava_dir, tmp_path):
+  _, tok, _ = llava_dir
+  path, folder = _write(tmp_path, [{"id": "long", "image": "good.png",
+                                    "conversations": _conv("q " * 300, "a.")}])
+  batches = list(pipeline.make_dataset(LlavaJsonSource(path, folder),
+                                       _cfg(tok, num_epochs=1)))
+  assert sum(int(b["truncated"].sum()) for b in batches) == 1
+  assert batches[0]["text_mask"][~batches[0]["empty"]].all()
+
+
+def test_malformed_json_names_the_file_and_place(tmp_path):
+  path = tmp_path / "broken.json"
+  path.write_text('[{"id": "a", "conversations": []},\n {"id": "b", "conversations": [}]')
+  with pytest.raises(DataError, match=r"broken.json: malformed JSON at line 2"):
+    LlavaJsonSource(str(path), str(tmp_path))
+  path.write_text(json.dumps([{"id": "x", "conversations": "hello"}]))
+  with pytest.raises(DataError, match=r"sample x: 'conversations' must be a list"):
+    LlavaJsonSource(str(path), str(tmp_path))
+  path.write_text(json.dumps([{"id": "x", "conversations": []}, {"id": "x", "conversations": []}]))
+  with pytest.raises(DataError, match=r"sample id x appears twice"):
+    LlavaJsonSource(str(path), str(tmp_path))
+
+
+def test_tfds_prepare_skips_and_counts_missing_images(llava_dir, tmp_path):
+  path, folder = _write(tmp_path, [
+      {"id": "ok", "image": "good.png", "conversations": _conv("q?", "a.")},
+      {"id": "gone", "image": "missing.png", "conversations": _conv("q?", "a.")}])
+  with pytest.raises(Exception, match=r"sample gone: image .*missing.png is missing"):
+    prepare.prepare_llava(path, folder, "strict", str(tmp_path / "tfds"))
+  out = prepare.prepare_llava(path, folder, "lenient", str(tmp_path / "tfds"), on_error="skip")
+  import tensorflow_datasets as tfds
+  meta = tfds.builder_from_directory(out).info.metadata
+  assert [s[0] for s in meta["skipped"]["train"]] == ["gone"]
+  assert len(TfdsSource(out, "train")) == 1

@@ -1,0 +1,329 @@
+"""Templates and tokenizer: exact ids and label masks against independent references.
+
+`OfficialLlava` re-states the official LLaVA preprocessing on top of a given
+text -> ids function: the prompt string is built, split at `<image>`, each
+chunk tokenized, and the labels derived by LLaVA's round-length arithmetic
+(split at "</s>", instruction_len = len(tokens(parts[0])) - 2, and for
+non-legacy tokenizers one token less per round after the first). Two text ->
+ids functions feed it: `slow_llama`, HF's slow `LlamaTokenizer` (what LLaVA
+uses) re-stated on raw SentencePiece, and the HF `LlamaTokenizer` of the
+installed transformers, built from the same `tokenizer.model`.
+"""
+import json
+import re
+import shutil
+
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from data import templates
+from data import tokenizer as tokenizer_lib
+from data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, ConversationError
+
+CORPUS = [
+    templates.SYSTEM, "USER: What is shown? ASSISTANT: A red circle and a blue square.",
+    "Describe the scene in detail.", "How many objects are there? Two.",
+    "Naïve café résumé — déjà vu.", "Line one\nLine two\n\nLine four",
+    "The answer is 42, not 7 or 1234.", "Is there a dog? No, there is not.",
+] * 30
+SPECIAL_RE = re.compile("(<s>|</s>|<unk>)")
+SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+  return tokenizer_lib.train_tokenizer(CORPUS, path, vocab_size=400)
+
+
+def load(path, legacy):
+  return tokenizer_lib.Tokenizer.load(path, legacy=legacy)
+
+
+def slow_llama(path, legacy):
+  """`LlamaTokenizer(legacy=...)(text).input_ids` of transformers 4.x, on raw SentencePiece."""
+  proto = open(path, "rb").read()
+  with_prefix = spm.SentencePieceProcessor(model_proto=proto)
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  m.normalizer_spec.add_dummy_prefix = False
+  without = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+
+  def tokenize(text):
+    out = [1]
+    for i, part in enumerate(SPECIAL_RE.split(text)):
+      if i % 2:
+        out.append(SPECIAL_IDS[part])
+      elif part:
+        out += (with_prefix if i == 0 or legacy else without).encode(part)
+    return out
+  return tokenize
+
+
+def hf_comparable(texts):
+  """False where the installed transformers is known to differ from the slow tokenizer.
+
+  transformers 5 has no SentencePiece-based LlamaTokenizer; its tokenizers-based
+  one (Metaspace pre-tokenizer) adds no dummy "▁" to a segment that already
+  starts with a space, where SentencePiece (and transformers 4's slow and fast
+  LLaMA tokenizers) add one: " 4" -> "▁▁4" there, "▁4" here. That hits the
+  first segment, and with legacy=True every segment after a special token.
+  LLaVA's prompts have no such segment unless a turn holds "<s> ", "<unk> ".
+  """
+  return not any(re.search(r"(<s>|</s>|<unk>)\s", t) for t in texts)
+
+
+def hf_llama(path, legacy, tmp_path):
+  """The installed transformers' LlamaTokenizer on the same model file, BOS first."""
+  transformers = pytest.importorskip("transformers")
+  shutil.copy(path, tmp_path / "tokenizer.model")
+  hf = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), legacy=legacy)
+  return lambda text: [hf.bos_token_id] + hf(text, add_special_tokens=False).input_ids
+
+
+class OfficialLlava:
+  """LLaVA's tokenizer_image_token, preprocess_v1 and preprocess_plain, re-stated."""
+
+  def __init__(self, tokenize, legacy):
+    self.tokenize, self.legacy = tokenize, legacy
+
+  def image_tokens(self, prompt):
+    chunks = [self.tokenize(c) for c in prompt.split("<image>")]
+    ids = list(chunks[0])
+    for c in chunks[1:]:
+      ids += [IMAGE_TOKEN_ID] + c[1:]
+    return ids
+
+  def vicuna(self, conversations, has_image):
+    conv = [dict(t) for t in conversations]
+    if has_image:
+      conv[0]["value"] = "<image>\n" + conv[0]["value"].replace("<image>", "").strip()
+    prompt = templates.SYSTEM + " "
+    for t in conv:
+      human = t["from"] == "human"
+      prompt += ("USER" if human else "ASSISTANT") + ": " + t["value"] + (" " if human else "</s>")
+    tok = self.image_tokens if has_image else self.tokenize
+    ids = tok(prompt)
+    target = list(ids)
+    cur = 1
+    target[:cur] = [IGNORE_INDEX]
+    for i, rou in enumerate(prompt.split("</s>")):
+      if not rou:
+        break
+      parts = rou.split(" ASSISTANT: ")
+      assert len(parts) == 2
+      parts[0] += " ASSISTANT: "
+      round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - 2
+      if i and not self.legacy:
+        round_len, instruction_len = round_len - 1, instruction_len - 1
+      target[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+      cur += round_len
+    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
+    assert cur == len(ids), "the reference mismatched (LLaVA would mask the sample)"
+    return ids, target
+
+  def plain(self, conversations):
+    ids = self.image_tokens("<image>" + conversations[1]["value"] + "\n")
+    return ids, [IGNORE_INDEX, IGNORE_INDEX] + ids[2:]
+
+
+def H(v):
+  return {"from": "human", "value": v}
+
+
+def G(v):
+  return {"from": "gpt", "value": v}
+
+
+CONVERSATIONS = {
+    "single, image first": ([H("<image>\nWhat is shown?"), G("A red circle.")], True),
+    "image after question": ([H("What is shown?\n<image>"), G("A blue square.")], True),
+    "image mid-text, spaces": ([H("  What is <image> shown? "), G("Two.  ")], True),
+    "multi-turn": ([H("<image>\nHow many objects?"), G("Two."), H("Is there a dog?"),
+                    G("No, there is not."), H("Describe it."), G("A red circle and a square.")],
+                   True),
+    "text-only multi-turn": ([H("The answer is 42?"), G("Not 7."), H("And 1234?"), G("Yes.")],
+                             False),
+    "unicode and byte fallback": ([H("<image>\nNaïve café? 日本語 🙂"), G("Déjà vu — résumé ✓.")],
+                                  True),
+    "answer starts with byte fallback": ([H("<image>\nFace?"), G("🙂 yes"), H("Again?"),
+                                          G("日本語")], True),
+    "newlines in answers": ([H("<image>\nList lines."), G("Line one\nLine two\n\nLine four\n")],
+                            True),
+    "special texts inside turns": ([H("<image>\nIs <s> a tag?"), G("Yes, <s> and <unk> are."),
+                                    H("<unk>?"), G("<s>")], True),
+}
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_vicuna_v1_matches_official(model_path, legacy, name):
+  conv, has_image = CONVERSATIONS[name]
+  tok = load(model_path, legacy)
+  ids, labels = templates.encode_conversation(conv, tok, "vicuna_v1", has_image, "s1")
+  want_ids, want_labels = OfficialLlava(slow_llama(model_path, legacy), legacy).vicuna(
+      conv, has_image)
+  assert ids == want_ids
+  assert labels == want_labels
+  assert ids.count(IMAGE_TOKEN_ID) == int(has_image)
+  assert ids[0] == tok.bos_id and labels[0] == IGNORE_INDEX
+  # Labels are exactly the answers, each with its </s>.
+  answers = [t["value"] for t in conv if t["from"] == "gpt"]
+  spans = "".join("X" if l != IGNORE_INDEX else "." for l in labels).split(".")
+  spans = [s for s in spans if s]
+  assert len(spans) == len(answers)
+  got = [i for i in labels if i != IGNORE_INDEX]
+  assert got.count(tok.eos_id) == len(answers)
+  assert all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vicuna_v1_matches_installed_hf_tokenizer(model_path, legacy, tmp_path):
+  official = OfficialLlava(hf_llama(model_path, legacy, tmp_path), legacy)
+  tok = load(model_path, legacy)
+  for name, (conv, has_image) in sorted(CONVERSATIONS.items()):
+    if not hf_comparable(t["value"] for t in conv):
+      continue
+    got = templates.encode_conversation(conv, tok, "vicuna_v1", has_image, name)
+    assert got == official.vicuna(conv, has_image), name
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_plain_matches_official(model_path, legacy, tmp_path):
+  tok = load(model_path, legacy)
+  for caption in ["A red circle at the top left.", "日本語 🙂\nline two", "Two <s> tags."]:
+    conv = [H("<image>"), G(caption)]
+    ids, labels = templates.encode_conversation(conv, tok, "plain", True)
+    references = [slow_llama(model_path, legacy)]
+    if hf_comparable([caption]):
+      references.append(hf_llama(model_path, legacy, tmp_path))
+    for tokenize in references:
+      assert (ids, labels) == OfficialLlava(tokenize, legacy).plain(conv)
+    assert tok.eos_id not in ids and ids[:2] == [tok.bos_id, IMAGE_TOKEN_ID]
+    if "<s>" not in caption:  # (Legacy: "<s> tags" -> "<s>", "▁▁tags", an extra space.)
+      assert tok.decode([i for i in labels if i >= 0]) == caption + "\n"
+
+
+def test_hand_checked_ids(model_path):
+  """A few values asserted by hand, independent of any reference."""
+  tok = load(model_path, True)
+  piece = tok.id_to_piece
+  assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
+  assert tok.encode("x</s>y", bos=True)[:2] == [1, tok.encode("x")[0]]
+  non_legacy = load(model_path, False)
+  pieces = lambda t, text, **kw: [piece(i) for i in t.encode(text, **kw)]
+  assert pieces(tok, "The</s>The") == ["▁The", "</s>", "▁The"]
+  assert pieces(non_legacy, "The</s>The") == ["▁The", "</s>", "T", "he"]
+  assert pieces(tok, "<s>The<unk>The") == ["<s>", "▁The", "<unk>", "▁The"]
+  assert pieces(non_legacy, "<s>The<unk>The") == ["<s>", "T", "he", "<unk>", "T", "he"]
+  assert pieces(tok, "The", dummy_prefix=False) == ["T", "he"]
+  # SentencePiece's dummy prefix goes in front of a leading space: a second "▁".
+  assert pieces(tok, "</s> 4") == ["</s>", "▁", "▁", "4"]
+  assert pieces(non_legacy, "</s> 4") == ["</s>", "▁", "4"]
+
+
+def test_legacy_matters_after_the_first_round(model_path):
+  conv = CONVERSATIONS["multi-turn"][0]
+  a, la = templates.encode_conversation(conv, load(model_path, True), "vicuna_v1", True)
+  b, lb = templates.encode_conversation(conv, load(model_path, False), "vicuna_v1", True)
+  assert len(a) == len(b) + 2  # One "▁" less after each of the two inner </s>.
+  assert [x for x in la if x >= 0] == [x for x in lb if x >= 0]
+
+
+def test_image_chunk_starts_with_prefix_then_newline(model_path):
+  tok = load(model_path, True)
+  ids, _ = templates.encode_conversation(CONVERSATIONS["single, image first"][0], tok,
+                                         "vicuna_v1", True)
+  after = ids[ids.index(IMAGE_TOKEN_ID) + 1:]
+  # LLaMA: 29871 ("▁"), 13 ("<0x0A>"); this corpus has "\n" as a piece of its own.
+  assert [tok.id_to_piece(i) for i in after[:2]] in (["▁", "<0x0A>"], ["▁", "\n"])
+  assert ids.count(tok.bos_id) == 1
+
+
+def test_legacy_is_read_from_tokenizer_config(model_path, tmp_path):
+  path = tmp_path / "tokenizer.model"
+  shutil.copy(model_path, path)
+  assert tokenizer_lib.Tokenizer.load(str(path)).legacy
+  for value, want in ((False, False), (True, True), (None, True)):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": value}))
+    assert tokenizer_lib.Tokenizer.load(str(path)).legacy is want
+  assert tokenizer_lib.Tokenizer.load(str(path), legacy=True).legacy
+  with pytest.raises(FileNotFoundError, match="missing.model"):
+    tokenizer_lib.Tokenizer.load(str(tmp_path / "missing.model"))
+
+
+def test_byte_fallback_round_trips(model_path):
+  tok = load(model_path, True)
+  text = "日本語 🙂 ok\nnaïve"
+  ids = tok.encode(text)
+  assert tok.unk_id not in ids and tok.decode(ids) == text
+  assert "<0xE6>" in [tok.id_to_piece(i) for i in ids]
+  assert tok.decode([tok.bos_id] + ids + [IMAGE_TOKEN_ID, IGNORE_INDEX]) == text
+
+
+def test_training_is_deterministic(model_path, tmp_path):
+  again = tokenizer_lib.train_tokenizer(CORPUS, str(tmp_path / "again.model"), vocab_size=400)
+  assert open(again, "rb").read() == open(model_path, "rb").read()  # Path-independent too.
+  assert load(again, True).vocab_size == 400
+
+
+def test_generation_prompt_is_the_training_prefix(model_path):
+  for legacy in (True, False):
+    tok = load(model_path, legacy)
+    for question in ("What is shown?", "What is shown?\n<image>"):
+      conv = [H(question if "<image>" in question else "<image>\n" + question), G("A red circle.")]
+      ids, labels = templates.encode_conversation(conv, tok, "vicuna_v1", True)
+      prompt = templates.prompt_for_generation(question, tok, "vicuna_v1", True)
+      first_label = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+      assert ids[:first_label] == prompt
+      assert tok.decode(prompt).endswith("What is shown? ASSISTANT:")
+  text_only = templates.prompt_for_generation("Hi?", tok, "vicuna_v1", False)
+  assert IMAGE_TOKEN_ID not in text_only
+  assert templates.prompt_for_generation("q", tok, "plain", True) == [1, IMAGE_TOKEN_ID]
+
+
+ERRORS = {
+    "empty conversation": ([], True, "vicuna_v1"),
+    "turn 0 is from 'gpt', expected 'human'": ([G("hi"), H("<image>\nq")], True, "vicuna_v1"),
+    "turns must alternate": ([H("<image>\nq"), G("a"), G("b"), H("c")], True, "vicuna_v1"),
+    "ends on a human turn": ([H("<image>\nq"), G("a"), H("more?")], True, "vicuna_v1"),
+    "no <image> in its first human turn$": ([H("q"), G("a")], True, "vicuna_v1"),
+    "no <image> in its first human turn \\(found in turn 2\\)":
+        ([H("q"), G("a"), H("<image>"), G("b")], True, "vicuna_v1"),
+    "<image> appears 2 times": ([H("<image>\n<image> q"), G("a")], True, "vicuna_v1"),
+    "<image> outside the first human turn \\(turn 1\\)":
+        ([H("<image>\nq"), G("a <image>")], True, "vicuna_v1"),
+    "text-only sample \\(no image\\) has <image> in turn 0": ([H("<image>\nq"), G("a")], False,
+                                                            "plain"),
+    "turn 1 is empty": ([H("<image>\nq"), G("")], True, "vicuna_v1"),
+    "turn 1 contains the literal text '</s>'": ([H("<image>\nq"), G("a</s>b")], True,
+                                                "vicuna_v1"),
+    "unknown template 'chatml'": ([H("q"), G("a")], False, "chatml"),
+    "the plain template needs an image": ([H("q"), G("a")], False, "plain"),
+    "one human and one gpt turn, got 4": ([H("<image>"), G("a"), H("q"), G("b")], True, "plain"),
+}
+
+
+@pytest.mark.parametrize("message", sorted(ERRORS))
+def test_bad_conversations_name_the_sample(model_path, message):
+  conv, has_image, template = ERRORS[message]
+  tok = load(model_path, True)
+  with pytest.raises(ConversationError, match=f"^sample sample-42: .*{message}"):
+    templates.encode_conversation(conv, tok, template, has_image, sample_id="sample-42")
+  assert issubclass(ConversationError, ValueError)
+
+
+class _OffByOneTokenizer(tokenizer_lib.Tokenizer):
+  """Continuation text tokenizes differently from the whole chunk (one extra unk)."""
+
+  def encode(self, text, bos=False, dummy_prefix=True):
+    ids = super().encode(text, bos, dummy_prefix)
+    return ids if dummy_prefix else ids + [self.unk_id]
+
+
+def test_inconsistent_tokenization_is_loud(model_path):
+  tok = _OffByOneTokenizer(open(model_path, "rb").read())
+  with pytest.raises(ConversationError, match="^sample s7: the vicuna_v1 template does not "
+                     "tokenize consistently"):
+    templates.encode_conversation(CONVERSATIONS["multi-turn"][0], tok, "vicuna_v1", True, "s7")
