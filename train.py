@@ -8,6 +8,7 @@ Re-running with the same --workdir resumes from the last checkpoint.
 """
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mqt import train
@@ -21,9 +22,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Progress lines, not every library's INFO.
+    logging.set_verbosity(logging.WARNING)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: progress lines, not library INFO.
   app.run(main)

@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       data=config_lib.data_block(kind="json", template="vicuna_v1", image_mode="pad",
                                  batch_size=128, group_by_modality=True))
   if knobs.stage == 2:
-    config.init.kind = "random"  # Replaced by stage2.init_from (the stage-1 checkpoints).
+    config.init.kind = "checkpoint"  # --config.stage2.init_from=<stage-1 workdir>/stage1/checkpoints
   config.eval.ms = (2, 4, 8, 16, 36, 64, 144, 256)
   config.eval.data.kind = "json"
   return config

@@ -6,7 +6,21 @@ train on two CPU cores.
 
   python train.py --config=configs/tiny.py
 
-Knobs after `:`: variant (official|perceiver).
+Knobs after `:`: variant (perceiver|official).
+
+What differs from the paper's recipe, and why: the towers start random, not
+from pretrained CLIP and Vicuna, so (1) the vision tower trains (a random,
+frozen tower would give the query transformer nothing worth pooling), and
+stage 1 trains the LLM too (a frozen random LLM cannot learn to caption);
+(2) the query transformer is our `perceiver` variant (content keys). From
+scratch, the official module (position-only keys, which start as a
+near-uniform average over patches) with a frozen random tower is slow to make
+the model look at the image: held-out caption loss with a shuffled image minus
+with the right one is 0.002 after 200 stage-1 steps and 0.03 after 400, against
+0.09 and 0.27 for this config (lr 3e-3 both). `:variant=official` runs the
+paper's module;
+(3) lr 3e-3 in both stages (a small model from scratch, not a 7B
+fine-tune); (4) a few thousand steps on CPU instead of GPU-days.
 """
 import ml_collections
 
@@ -14,7 +28,7 @@ from mqt import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  knobs = config_lib.parse_knobs(arg, variant="official")
+  knobs = config_lib.parse_knobs(arg, variant="perceiver")
   config = ml_collections.ConfigDict()
   config.stage = 2
 
@@ -23,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.dtype = "float32"  # bf16 is slower than f32 on CPU.
   m.param_dtype = "float32"
   m.image_token_id = -200
-  m.train_vision = False
+  m.train_vision = True  # Random towers must learn to see (see above).
   m.vision = ml_collections.ConfigDict(dict(
       image_size=64, patch_size=8, width=64, depth=3, heads=4, mlp_dim=128,
       ln_eps=1e-5, channels=3, select_layer=-2, keep_cls=False))
@@ -40,22 +54,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding.logical_axis_rules = config_lib.logical_axis_rules()
 
   # Both stages on the built-in synthetic data (prepared under <workdir>/data
-  # on first use). What differs from the paper, and why: the towers are
-  # random, not pretrained CLIP and Vicuna, so stage 1 also trains the LLM (a
-  # frozen random LLM cannot learn to caption); lr 1e-3 throughout (a small
-  # model from scratch, not a 7B fine-tune); minutes of CPU, not GPU-days.
+  # on first use); see the module docstring for what differs from the paper.
   config_lib.run_block(config)
   config.run_stages = "1,2"
   config.data.max_len = 128
   config.checkpoint.every = 200
   config.log_every = 50
+  every_part = (("^query/", 1.0), ("^llm/", 1.0), ("^vision/", 1.0))
   config.stage1 = config_lib.stage_block(
-      steps=300, lr=1e-3, rules=(("^query/", 1.0), ("^llm/", 1.0), ("^vision/", None)),
-      matryoshka_kind="fixed", m=0,
+      steps=500, lr=3e-3, rules=every_part, matryoshka_kind="fixed", m=0,
       data=config_lib.data_block(split="captions", template="plain", image_mode="pad",
                                  batch_size=32, group_by_modality=False))
   config.stage2 = config_lib.stage_block(
-      steps=1200, lr=1e-3, rules=config_lib.STAGE2_RULES, matryoshka_kind="official",
+      steps=800, lr=3e-3, rules=every_part, matryoshka_kind="official",
       data=config_lib.data_block(split="instruct", template="vicuna_v1", image_mode="pad",
                                  batch_size=32, group_by_modality=True))
   config.eval.ms = (1, 2, 4, 8, 16)

@@ -100,7 +100,7 @@ def run_block(config):
       builtin_sizes=ml_collections.ConfigDict(dict(captions=4000, instruct=12000, eval=600))))
   config.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, use_async=True))
   config.init = ml_collections.ConfigDict(dict(
-      kind="random",  # random | hf
+      kind="random",  # random | hf | checkpoint (the first stage's init_from)
       mqt_llava="",  # hf: an HF-format MQT-LLaVA checkpoint, or ...
       clip="", llm=""))  # ... HF CLIP vision + LLaMA/Vicuna checkpoints
   config.eval = ml_collections.ConfigDict(dict(

@@ -40,10 +40,11 @@ class Progress:
     tok_rate = self._tokens / dt
     eta = (self.total - step) / max((step - self._s0) / max(now - self._t0, 1e-9), 1e-9)
     line = (f"[{self.name}] step {step}/{self.total}  loss {metrics['loss']:.4f}  "
-            f"m {metrics.get('m', '-')}  {rate:.2f} steps/s  {tok_rate:,.0f} tok/s  "
+            f"m {metrics.get('m', float('nan')):g}  {rate:.2f} steps/s  {tok_rate:,.0f} tok/s  "
             f"ETA {_fmt_time(eta)}")
-    if metrics.get("skipped"):
-      line += f"  skipped {int(metrics['skipped'])}"
+    for counter in ("skipped", "truncated"):  # Samples never vanish unannounced.
+      if metrics.get(counter):
+        line += f"  {counter} {int(metrics[counter])}"
     if self.is_main:
       logging.info(line)
       print(line, flush=True)

@@ -170,7 +170,10 @@ def _init_params(config, model_cfg, model, shardings):
     else:
       raise ValueError("config.init.kind='hf' needs init.mqt_llava, or init.clip and init.llm")
     return jax.device_put(params, shardings)
-  raise ValueError(f"unknown init.kind {init.kind!r} (random | hf)")
+  if init.kind == "checkpoint":
+    raise ValueError("config.init.kind='checkpoint' takes the parameters of the first stage's "
+                     "init_from; set --config.stage<N>.init_from")
+  raise ValueError(f"unknown init.kind {init.kind!r} (random | hf | checkpoint)")
 
 
 # ---------------------------------------------------------------------------
@@ -242,30 +245,50 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   progress = metrics_lib.Progress(stage_dir, name, total, first_step=start,
                                   every=config.log_every, is_main=jax.process_index() == 0)
   losses = []
-  skipped_total = 0
+  skipped_total = truncated_total = 0
   try:
     for step in range(start, total):
       batch = next(it)
       skipped_total += int(batch["skipped"].sum())
+      truncated_total += int(batch["truncated"].sum())
       ms = sampler.sample(step)
       device_batch = shard_lib.put_batch(batch, mesh)
       new_state, out = compiled(state, device_batch, jax.device_put(ms, shard_lib.replicated(mesh)))
-      loss = float(out["loss"])
-      if not math.isfinite(loss):
+      loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        # The update of this step is not adopted, so nothing non-finite is saved.
         raise NonFiniteLossError(
-            f"[{name}] loss is {loss} at step {step + 1} (m={ms.tolist()}); stopping. The last "
-            f"good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept.")
+            f"[{name}] loss {loss}, gradient norm {grad_norm} at step {step + 1} "
+            f"(m={ms.tolist()}); stopping. The last good checkpoint (step "
+            f"{ckpt.latest_step()}) in {ckpt.directory} is kept.")
       state = new_state
       losses.append(loss)
-      progress.update(step + 1, {"loss": loss, "m": int(ms[0]) if len(ms) == 1 else ms.tolist(),
-                                 "grad_norm": float(out["grad_norm"]),
-                                 "lr": float(sched(step)), "skipped": skipped_total},
-                      tokens=int(out["tokens"]))
+      progress.update(step + 1, {"loss": loss, "m": float(ms.mean()),
+                                 "grad_norm": grad_norm,
+                                 "lr": float(sched(step)), "skipped": skipped_total,
+                                 "truncated": truncated_total},
+                      tokens=_input_tokens(batch, ms, model_cfg.image_token_id))
       ckpt.save(step + 1, state, it.get_state(), force=step + 1 == total)
   finally:
     ckpt.close()
     progress.close()
   return StageResult(params=state["params"], final_step=total, losses=losses)
+
+
+def check_batch_size(field: str, batch_size: int, mesh) -> None:
+  """The batch is split over the data x fsdp mesh axes; say so instead of a sharding error."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"--config.{field}={batch_size} does not divide over the {shards} batch "
+                     f"shards of the mesh {dict(mesh.shape)}")
+
+
+def _input_tokens(batch, ms, image_token_id: int) -> int:
+  """Tokens the LLM reads in this step: text plus the m visual tokens of each image row
+  (which replace its placeholder), once per m of the step."""
+  image_rows = int((batch["input_ids"] == image_token_id).any(axis=1).sum())
+  text = int(batch["text_mask"].sum())
+  return sum(text + image_rows * (int(m) - 1) for m in ms)
 
 
 def _batch_abstract(pcfg, model_cfg, sharding):
@@ -320,7 +343,6 @@ def evaluate(config, params, model_cfg: ModelConfig, mesh, ms, workdir: str) -> 
   batches = list(pipeline.make_dataset(source, pcfg))
   correct = {m: {} for m in ms}
   loss = {}
-  counts = {}
   for m in ms:
     matryoshka.validate_m(m, model_cfg.query.num_queries)
     s_tot, n_tot = 0.0, 0
@@ -337,7 +359,22 @@ def evaluate(config, params, model_cfg: ModelConfig, mesh, ms, workdir: str) -> 
   kinds = sorted(correct[ms[0]])
   acc = {k: {m: float(np.mean(correct[m][k])) for m in ms} for k in kinds}
   counts = {k: len(correct[ms[0]][k]) for k in kinds}
-  return {"accuracy": acc, "loss": loss, "count": counts}
+  return {"accuracy": acc, "loss": loss, "count": counts,
+          "chance": _chance([meta for b in batches for meta, e in zip(b["meta"], b["empty"])
+                             if not e])}
+
+
+def _chance(metas) -> dict:
+  """Per question type, the accuracy of an image-blind guesser that answers the most
+  frequent answer of each question form (records of the built-in set carry their type,
+  form and answer); {} for data without those fields."""
+  from data import synthetic  # pylint: disable=import-outside-toplevel
+  if not metas or not all(isinstance(r, dict) and "type" in r and "answer" in r for r in metas):
+    return {}
+  try:
+    return synthetic.chance_rates(metas)["majority"]
+  except (KeyError, ValueError):  # Types the built-in set does not define.
+    return {}
 
 
 def format_table(result: dict, ms, chance: dict | None = None) -> str:
@@ -354,9 +391,53 @@ def format_table(result: dict, ms, chance: dict | None = None) -> str:
 
 # ---------------------------------------------------------------------------
 
+def stages_to_run(config) -> list[int]:
+  return [int(x) for x in str(config.run_stages).split(",") if x.strip()]
+
+
+def check_paths(config) -> None:
+  """Fails before any compute when a file or folder the run needs is not configured or
+  missing; the message names the config field (`--config.<field>=...`)."""
+  problems = []
+
+  def need(field, value, what):
+    if not value:
+      problems.append(f"--config.{field} is not set ({what})")
+    elif not os.path.exists(value):
+      problems.append(f"--config.{field}={value} does not exist ({what})")
+
+  blocks = [(f"stage{n}", config[f"stage{n}"].data) for n in stages_to_run(config)]
+  if config.eval.ms:
+    blocks.append(("eval", config.eval.data))
+  for name, d in blocks:
+    if d.kind == "tfds":
+      need(f"{name}.data.dataset_dir", d.dataset_dir, "a folder prepared by python -m data.prepare")
+    elif d.kind == "json":
+      need(f"{name}.data.json_path", d.json_path, "a LLaVA conversation JSON")
+      need(f"{name}.data.image_folder", d.image_folder, "the folder its image paths start in")
+    elif d.kind != "builtin":
+      problems.append(f"--config.{name}.data.kind={d.kind!r}: choose builtin | tfds | json")
+    if d.kind != "builtin" or config.tokenizer_path:
+      need("tokenizer_path", config.tokenizer_path, "a LLaMA SentencePiece tokenizer.model")
+  first = stages_to_run(config)[:1]
+  if first and (config[f"stage{first[0]}"].init_from or config.init.kind == "checkpoint"):
+    need(f"stage{first[0]}.init_from", config[f"stage{first[0]}"].init_from,
+         "the checkpoints folder of an earlier stage")
+  elif config.init.kind == "hf":
+    if config.init.mqt_llava:
+      need("init.mqt_llava", config.init.mqt_llava, "an HF-format MQT-LLaVA checkpoint")
+    else:
+      need("init.clip", config.init.clip, "an HF CLIP vision checkpoint")
+      need("init.llm", config.init.llm, "an HF LLaMA/Vicuna checkpoint")
+  problems = list(dict.fromkeys(problems))  # Once each, in order.
+  if problems:
+    raise ValueError("this run cannot start:\n  " + "\n  ".join(problems))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs `config.run_stages` in order, then the held-out evaluation."""
   t0 = time.perf_counter()
+  check_paths(config)
   os.makedirs(workdir, exist_ok=True)
   if config.get("distributed", False):
     jax.distributed.initialize()
@@ -364,10 +445,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = shard_lib.make_mesh(config.sharding.mesh)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)", flush=True)
+  for n in stages_to_run(config):
+    check_batch_size(f"stage{n}.data.batch_size", config[f"stage{n}"].data.batch_size, mesh)
+  if config.eval.ms:
+    check_batch_size("eval.data.batch_size", config.eval.data.batch_size, mesh)
   summary = {"stages": {}}
   params = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
-    for n in [int(x) for x in str(config.run_stages).split(",") if x.strip()]:
+    for n in stages_to_run(config):
       stage_cfg = config[f"stage{n}"]
       init_params = params
       if init_params is None and stage_cfg.init_from:
@@ -380,10 +465,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.eval.ms and params is not None:
       ms = [int(m) for m in config.eval.ms]
       result = evaluate(config, params, model_cfg, mesh, ms, workdir)
-      chance = dict(config.eval.get("chance", {}) or {})
+      chance = {**result.pop("chance"), **dict(config.eval.get("chance", {}) or {})}
       table = format_table(result, ms, chance)
       print("\nheld-out teacher-forced answer accuracy per m:\n" + table, flush=True)
-      summary["eval"] = {"ms": ms, **{k: {str(kk): vv for kk, vv in v.items()}
+      summary["eval"] = {"ms": ms, "chance": chance, **{k: {str(kk): vv for kk, vv in v.items()}
                                      for k, v in result.items() if k != "accuracy"},
                          "accuracy": {k: {str(m): a for m, a in v.items()}
                                       for k, v in result["accuracy"].items()}}

@@ -1,0 +1,83 @@
+"""Run-level behaviour of mqt.train: clear errors before compute, non-finite loss stops a run.
+
+Runs `train_and_evaluate` in this process on the built-in data at tiny sizes.
+"""
+import math
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import mqt_llava, tiny
+from mqt import train
+
+
+def _tiny(tmp_path, data_dir, **stage1):
+  config = tiny.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.builtin_sizes.update(dict(captions=32, instruct=32, eval=12))
+  config.run_stages = "1"
+  config.stage1.data.batch_size = 8
+  config.checkpoint.every = 1
+  config.checkpoint.use_async = False
+  config.log_every = 1
+  config.eval.ms = ()
+  for k, v in stage1.items():
+    config.stage1[k] = v
+  return config
+
+
+def test_missing_paths_are_named_before_any_compute(tmp_path):
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(mqt_llava.get_config("stage=1"), str(tmp_path / "s1"))
+  msg = str(err.value)
+  for field in ("--config.stage1.data.json_path is not set",
+                "--config.stage1.data.image_folder is not set",
+                "--config.eval.data.json_path is not set",
+                "--config.tokenizer_path is not set", "--config.init.clip is not set",
+                "--config.init.llm is not set"):
+    assert field in msg, msg
+  assert not (tmp_path / "s1").exists()  # Nothing was started.
+
+  config = mqt_llava.get_config("stage=2")
+  config.tokenizer_path = str(tmp_path / "absent" / "tokenizer.model")
+  with pytest.raises(ValueError, match=r"--config.stage2.init_from is not set") as err:
+    train.train_and_evaluate(config, str(tmp_path / "s2"))
+  assert f"--config.tokenizer_path={config.tokenizer_path} does not exist" in str(err.value)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _tiny(tmp_path, tmp_path / "data", steps=6)
+  config.stage1.optim.lr = 1e30  # Adam steps of ~1e30: the next forward overflows.
+  config.stage1.optim.warmup = 0
+  with pytest.raises(train.NonFiniteLossError, match=r"\[stage1\] loss .* at step 2 .*"
+                     r"last good checkpoint \(step 1\)"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  manager = ocp.CheckpointManager(str(tmp_path / "run" / "stage1" / "checkpoints"))
+  assert manager.all_steps() == [1]
+  state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  leaves = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+  assert all(np.isfinite(x).all() for x in leaves)
+  assert int(state["step"]) == 1
+
+
+def test_summary_and_progress(tmp_path, capsys):
+  config = _tiny(tmp_path, tmp_path / "data", steps=3)
+  config.eval.ms = (1, 16)
+  config.eval.data.batch_size = 12  # The mesh has 8 batch shards.
+  with pytest.raises(ValueError, match=r"--config.eval.data.batch_size=12 does not divide over "
+                     r"the 8 batch shards"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.eval.data.batch_size = 8
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert "[stage1] step 3/3  loss" in out and "tok/s  ETA 0m00s" in out
+  assert "held-out teacher-forced answer accuracy per m" in out
+  assert math.isfinite(summary["stages"]["stage1"]["final_loss"])
+  # Chance per question type comes from the held-out records (majority answer per form).
+  assert set(summary["eval"]["chance"]) == set(summary["eval"]["accuracy"])
+  assert all(0 < c <= 1 for c in summary["eval"]["chance"].values())
+  assert os.path.exists(tmp_path / "run" / "summary.json")
+  assert os.listdir(tmp_path / "run" / "stage1" / "tensorboard" / "stage1")
