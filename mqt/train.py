@@ -90,7 +90,9 @@ def builtin_dir(config, workdir: str) -> str:
 
 
 def open_source(config, data_cfg, workdir: str):
-  """A data block (stage or eval) -> a record source (data/sources.py)."""
+  """A data block (stage or eval) -> a record source (data/sources.py).
+
+  Its paths were validated by `check_paths` (train_and_evaluate calls it first)."""
   from data import sources  # pylint: disable=import-outside-toplevel
   split = data_cfg.split
   if data_cfg.kind == "builtin":
@@ -100,25 +102,17 @@ def open_source(config, data_cfg, workdir: str):
                                   sizes=dict(config.data.builtin_sizes))
     return sources.TfdsSource(root, split)
   if data_cfg.kind == "tfds":
-    if not data_cfg.dataset_dir:
-      raise ValueError("config data.dataset_dir is not set (a prepared TFDS dataset folder)")
     return sources.TfdsSource(data_cfg.dataset_dir, split)
   if data_cfg.kind == "json":
-    for field in ("json_path", "image_folder"):
-      if not data_cfg[field]:
-        raise ValueError(f"config data.{field} is not set")
     return sources.LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
   raise ValueError(f"unknown data.kind {data_cfg.kind!r} (builtin | tfds | json)")
 
 
 def tokenizer_path(config, data_cfg, workdir: str) -> str:
+  """The configured tokenizer (validated by `check_paths`), else the built-in set's own."""
   if data_cfg.kind == "builtin" and not config.tokenizer_path:
     from data import prepare  # pylint: disable=import-outside-toplevel
     return prepare.builtin_tokenizer_path(builtin_dir(config, workdir))
-  if not config.tokenizer_path:
-    raise ValueError("config.tokenizer_path is not set (a LLaMA tokenizer.model)")
-  if not os.path.exists(config.tokenizer_path):
-    raise ValueError(f"config.tokenizer_path {config.tokenizer_path} does not exist")
   return config.tokenizer_path
 
 
