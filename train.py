@@ -8,9 +8,9 @@ Re-running with the same --workdir resumes from the last checkpoint.
 """
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from mqt import cli
 from mqt import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
@@ -20,10 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # Progress lines, not every library's INFO.
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

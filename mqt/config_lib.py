@@ -85,6 +85,21 @@ STAGE1_RULES = (("^query/", 1.0), ("^vision/", None), ("^llm/", None))
 STAGE2_RULES = (("^query/", 1.0), ("^llm/", 1.0), ("^vision/", None))
 
 
+def benchmark_paths():
+  """Where each published benchmark's files are (users supply them; see mqt/scorers.py).
+  Empty paths of pope / scienceqa / vqav2 / gqa mean the built-in synthetic versions."""
+  c = ml_collections.ConfigDict
+  return c(dict(
+      scienceqa=c(dict(problems="", pid_splits="", image_folder="")),
+      pope=c(dict(folder="", image_folder="")),  # *pope_{random,popular,adversarial}.json
+      mme=c(dict(root="")),
+      gqa=c(dict(questions="", image_folder="")),
+      vqav2=c(dict(questions="", annotations="", image_folder="")),
+      textvqa=c(dict(json="", image_folder="")),
+      vizwiz=c(dict(json="", image_folder="")),
+      mmbench=c(dict(tsv="", circular=True))))
+
+
 def run_block(config):
   """Fields every training config shares (filled in place)."""
   config.seed = 0
@@ -106,6 +121,10 @@ def run_block(config):
   config.eval = ml_collections.ConfigDict(dict(
       ms=(1, 2, 4, 8, 16),
       data=data_block(split="eval", batch_size=64, group_by_modality=False),
-      chance=ml_collections.ConfigDict()))
+      chance=ml_collections.ConfigDict(),
+      # Generation-based sweeps (evaluate.py, predict.py).
+      generation=ml_collections.ConfigDict(dict(
+          batch_size=32, max_new_tokens=16, temperature=0.0, top_p=1.0)),
+      benchmarks=benchmark_paths()))
   config.distributed = False  # True on multi-host pods: jax.distributed.initialize().
   return config

@@ -8,7 +8,9 @@ policy.
 
 Shapes: embeds [B, T, D]; positions [B, T] int32; mask [B, T, S] boolean
 (True = may attend), S = T without a cache or the cache length with one.
-Cache: {"k": [L, B, S, K, H], "v": [L, B, S, K, H]} written at `cache_index`.
+Cache: {"k": [L, B, S, K, H], "v": [L, B, S, K, H]} written at `cache_index`:
+a scalar (every row at the same slot) or [B] int32, one start slot per row
+(batched decoding of prompts of different lengths, see mqt/generate.py).
 """
 import dataclasses
 
@@ -47,6 +49,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """Writes new [B, T, K, H] into cache [B, S, K, H] at slot `index` (scalar) or at
+  slots index[b] .. index[b] + T - 1 of each row b (index [B])."""
+  index = jnp.asarray(index, jnp.int32)
+  new = new.astype(cache.dtype)
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, 1)
+  b, t = new.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  return cache.at[rows, index[:, None] + jnp.arange(t)[None]].set(new, mode="drop")
+
+
 class LlamaBlock(nn.Module):
   cfg: LlamaConfig
 
@@ -65,8 +79,7 @@ class LlamaBlock(nn.Module):
     v = v.reshape(b, t, c.kv_heads, c.head_dim)
     new_cache = None
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+      k, v = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     o = layers.attention(q, k, v, mask=mask[:, None]).reshape(b, t, c.heads * c.head_dim)
@@ -107,8 +120,12 @@ class LlamaDecoder(nn.Module):
     """ids [B, T] -> [B, T, D]."""
     return self.embed_tokens(ids)
 
-  def __call__(self, embeds, positions, mask, cache=None, cache_index=0):
-    """-> (logits [B, T, V] float32, new cache or None)."""
+  def __call__(self, embeds, positions, mask, cache=None, cache_index=0, logits_at=None):
+    """-> (logits [B, T, V] float32, new cache or None).
+
+    logits_at [B] int32: only the logits at that position of each row ([B, 1, V]),
+    so a prefill does not materialize [B, T, V].
+    """
     if self.is_initializing():  # Create the embedding table when init runs __call__ alone.
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
     x = embeds.astype(self.cfg.dtype)
@@ -121,6 +138,8 @@ class LlamaDecoder(nn.Module):
         x, nc = layer(x, positions, mask, layer_cache, cache_index)
         new.append(nc)
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     logits = self.lm_head(self.norm(x)).astype(jnp.float32)
     return logits, new_cache
 

@@ -488,4 +488,5 @@ def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
     raise ValueError(f"no checkpoint in {directory}")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
-  return restored["state"]["params"]
+  # Placed on this run's mesh whatever topology saved it (orbax may keep the saved one).
+  return jax.device_put(restored["state"]["params"], shardings)

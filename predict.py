@@ -1,0 +1,50 @@
+r"""Answer a question about images with a trained MQT-LLaVA at a chosen m.
+
+  python predict.py --config=configs/tiny.py --workdir=/tmp/mqt_tiny --m=4 \
+      --image=photo.png --prompt="What color is the circle?"
+
+--m is required (1 <= m <= M): there is no silent default. Several --image
+flags answer the same prompt for each image in one batch.
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from mqt import cli
+from mqt import inference
+from mqt import matryoshka
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Orbax checkpoints folder, or 'hf' "
+                                  "(default: the last stage of --workdir).")
+_IMAGES = flags.DEFINE_multi_string("image", None, "Image file(s).")
+_PROMPT = flags.DEFINE_string("prompt", None, "The question.")
+_M = flags.DEFINE_integer("m", None, "Visual tokens per image, 1 <= m <= M.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: config.eval.generation.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0: greedy. Default: config.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass. Default: config.")
+flags.mark_flags_as_required(["config", "workdir", "image", "prompt", "m"])
+
+
+def main(argv):
+  cli.start(argv)
+  config = _CONFIG.value
+  m = matryoshka.validate_m(_M.value, int(config.model.query.num_queries))
+  gen_cfg = config.eval.generation.copy_and_resolve_references()
+  with gen_cfg.unlocked():
+    for key, flag in (("max_new_tokens", _MAX_NEW), ("temperature", _TEMPERATURE),
+                      ("top_p", _TOP_P)):
+      if flag.value is not None:
+        gen_cfg[key] = flag.value
+  inference.check_images(_IMAGES.value)
+  loaded = inference.load(config, _WORKDIR.value, _CHECKPOINT.value)
+  answers = inference.answer(loaded, _IMAGES.value, [_PROMPT.value] * len(_IMAGES.value), m,
+                             gen_cfg)
+  for path, a in zip(_IMAGES.value, answers):
+    print(f"{path}\t{a}" if len(answers) > 1 else a)
+
+
+if __name__ == "__main__":
+  app.run(main)

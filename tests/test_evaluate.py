@@ -1,0 +1,164 @@
+"""The evaluation sweep over m and the predict command, on a briefly trained tiny model."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from configs import tiny
+from mqt import checkpoint as ckpt_lib
+from mqt import evaluate
+from mqt import inference
+from mqt import train
+from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir):
+  config = tiny.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.builtin_sizes.update(dict(captions=32, instruct=32, eval=24))
+  config.run_stages = "1"
+  config.stage1.steps = 2
+  config.stage1.data.batch_size = 8
+  config.checkpoint.use_async = False
+  config.eval.ms = ()
+  config.eval.generation.batch_size = 8
+  config.eval.generation.max_new_tokens = 4
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The built-in data and tokenizer, and a checkpoint where train.py puts one (random
+  weights saved the way train.py saves them: compiling a train step would add a minute)."""
+  root = tmp_path_factory.mktemp("evaluate")
+  config = _config(root / "data")
+  workdir = str(root / "run")
+  train.open_source(config, config.stage1.data, workdir)  # Prepares data + tokenizer.
+  model_cfg = ModelConfig.from_config(config.model)
+  params = nn.unbox(MQTLLaVA(model_cfg).init(jax.random.key(0), *dummy_inputs(model_cfg),
+                                             16))["params"]
+  saver = ckpt_lib.Checkpointer(inference.default_checkpoint(config, workdir), every=1, keep=1,
+                                use_async=False)
+  saver.save(1, {"params": params, "step": 1}, None, force=True)
+  saver.close()
+  return config, workdir
+
+
+def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
+  config, workdir = trained
+  out = os.path.join(workdir, "eval")
+  ms = [1, 4, 16]
+  res = evaluate.sweep(config, workdir, ms, ["builtin"], out, limit=10)
+  sizes = {k: len(v) for k, v in evaluate.load_benchmarks(config, ["builtin"], workdir, 10).items()}
+  assert sizes["synthetic"] == 10 and min(sizes.values()) >= 4
+  printed = capsys.readouterr().out
+  assert res["ms"] == ms and res["benchmarks"] == list(evaluate.BUILTIN)
+  for m in ms:
+    entry = res["per_m"][m]
+    # Counted XLA compiles: the same number for every m, and none while batches run
+    # (up to 10 questions per benchmark: 8 batches of 8 per m, one program).
+    assert entry["xla_compiles_during_batches"] == 0
+    assert entry["xla_compiles_setup"] == res["per_m"][ms[0]]["xla_compiles_setup"]
+    for name in evaluate.BUILTIN:
+      value = entry["benchmarks"][name][evaluate.HEADLINE[name]]
+      assert 0.0 <= value <= 1.0
+      assert entry["benchmarks"][name]["n"] == sizes[name]
+    assert entry["prefill_ms_per_batch"] > 0 and entry["decode_tokens_per_s"] > 0
+  # FLOPs grow with m (the program runs m latents and T + m - 1 slots).
+  totals = [res["per_m"][m]["flops"]["prefill"] for m in ms]
+  assert totals[0] < totals[1] < totals[2]
+  for name in ("results.json", "results.csv", "accuracy_vs_m.png", "accuracy_vs_flops.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  for name in ("accuracy_vs_m.png", "accuracy_vs_flops.png"):
+    with Image.open(os.path.join(out, name)) as img:
+      assert img.format == "PNG" and img.size[0] > 300
+  with open(os.path.join(out, "results.json")) as f:
+    saved = json.load(f)
+  assert set(saved["per_m"]) == {"1", "4", "16"}
+  with open(os.path.join(out, "predictions", "gqa_m4.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == sizes["gqa"] and all("prediction" in r for r in rows)
+  assert "synthetic accuracy" in printed and "prefill GFLOPs/image" in printed
+  assert "m=16" in printed
+
+
+def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
+  config, workdir = trained
+  with pytest.raises(ValueError, match=r"m=17 is out of range: 1 <= m <= M=16"):
+    evaluate.sweep(config, workdir, [4, 17], ["builtin"], str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"m=0 is out of range"):
+    evaluate.sweep(config, workdir, [0], ["builtin"], str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"unknown benchmark 'coco'"):
+    evaluate.sweep(config, workdir, [4], ["coco"], str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"--config.eval.benchmarks.mme.root is not set"):
+    evaluate.sweep(config, workdir, [4], ["mme"], str(tmp_path / "a"))
+  missing = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match=rf"checkpoint folder {missing} does not exist"):
+    evaluate.sweep(config, workdir, [4], ["builtin"], str(tmp_path / "a"), checkpoint=missing)
+  assert not (tmp_path / "a").exists()
+
+
+def test_a_prompt_too_long_is_named(trained, tmp_path):
+  config, workdir = trained
+  short = config.copy_and_resolve_references()
+  short.data.max_len = 40  # 25 text tokens beside 16 visual ones: the system prompt is longer.
+  with pytest.raises(ValueError, match=r"benchmark synthetic, question eval_0: the prompt has "
+                     r"\d+ tokens, more than the 25"):
+    evaluate.sweep(short, workdir, [4], ["synthetic"], str(tmp_path / "b"))
+
+
+def test_answers_do_not_depend_on_batch_mates(trained):
+  """A row's greedy answer is the same alone and in a batch of prompts of other lengths."""
+  config, workdir = trained
+  loaded = inference.load(config, workdir)
+  qs = evaluate.load_benchmarks(config, ["synthetic", "scienceqa"], workdir, limit=2)
+  questions = qs["synthetic"] + qs["scienceqa"]
+  prompts = [inference.encode_prompt(q.prompt, loaded.tokenizer, True) for q in questions]
+  assert len({len(p) for p in prompts}) > 1
+  text_len = max(len(p) for p in prompts)
+  ids, mask = inference.pad_prompts(prompts, text_len)
+  images = inference.load_images([q.image for q in questions], 64)
+  sampling = inference.sampling_config(config.eval.generation, loaded.tokenizer)
+  together = inference.Answerer(loaded, 4, len(prompts), text_len, sampling)(images, ids, mask)
+  one = inference.Answerer(loaded, 4, 1, text_len, sampling)
+  alone = [one(images[i:i + 1], ids[i:i + 1], mask[i:i + 1])[0] for i in range(len(prompts))]
+  assert together == alone
+  assert any(together)  # Random weights still emit text.
+
+
+def _predict(args):
+  return subprocess.run([sys.executable, "predict.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_predict_requires_and_validates_m(trained, tmp_path):
+  config, workdir = trained
+  image = tmp_path / "img.png"
+  Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(image)
+  common = ["--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={config.data.data_dir}", "--config.run_stages=1",
+            f"--image={image}", "--prompt=What color is the circle?"]
+  no_m = _predict(common)
+  assert no_m.returncode != 0 and "--m" in no_m.stderr
+  too_big = _predict(common + ["--m=17"])
+  assert too_big.returncode != 0 and "m=17 is out of range: 1 <= m <= M=16" in too_big.stderr
+  ok = _predict(common + ["--m=3", "--max_new_tokens=3"])
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.strip() == inference.answer(
+      inference.load(config, workdir), [str(image)], ["What color is the circle?"], 3,
+      _with(config.eval.generation, max_new_tokens=3))[0]
+
+
+def _with(cfg, **kw):
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.update(kw)
+  return cfg
