@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
 def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
   config, workdir = trained
   out = os.path.join(workdir, "eval")
-  ms = [1, 4, 16]
+  ms = [1, 16]
   res = evaluate.sweep(config, workdir, ms, ["builtin"], out, limit=10)
   sizes = {k: len(v) for k, v in evaluate.load_benchmarks(config, ["builtin"], workdir, 10).items()}
   assert sizes["synthetic"] == 10 and min(sizes.values()) >= 4
@@ -74,7 +74,7 @@ def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
     assert entry["prefill_ms_per_batch"] > 0 and entry["decode_tokens_per_s"] > 0
   # FLOPs grow with m (the program runs m latents and T + m - 1 slots).
   totals = [res["per_m"][m]["flops"]["prefill"] for m in ms]
-  assert totals[0] < totals[1] < totals[2]
+  assert totals[0] < totals[1]
   for name in ("results.json", "results.csv", "accuracy_vs_m.png", "accuracy_vs_flops.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   for name in ("accuracy_vs_m.png", "accuracy_vs_flops.png"):
@@ -82,8 +82,8 @@ def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
       assert img.format == "PNG" and img.size[0] > 300
   with open(os.path.join(out, "results.json")) as f:
     saved = json.load(f)
-  assert set(saved["per_m"]) == {"1", "4", "16"}
-  with open(os.path.join(out, "predictions", "gqa_m4.jsonl")) as f:
+  assert set(saved["per_m"]) == {"1", "16"}
+  with open(os.path.join(out, "predictions", "gqa_m16.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == sizes["gqa"] and all("prediction" in r for r in rows)
   assert "synthetic accuracy" in printed and "prefill GFLOPs/image" in printed

@@ -182,7 +182,7 @@ def test_mqt_generation_masked_equals_sliced_and_full_forward(variant):
                                              jax.random.key(0), sampling, num_latents=n,
                                              return_logits=True), static_argnums=2)
   forward = jax.jit(lambda p, seq, mask, m: model.apply({"params": p}, images, seq, mask, m)[0])
-  for m in (1, 4, 9):
+  for m in (2, 9):  # A prefix and all M (each m compiles three programs).
     sliced, masked = run(params, m, m), run(params, m, None)
     np.testing.assert_array_equal(sliced["tokens"], masked["tokens"])
     scale = float(np.abs(masked["logits"]).max())  # ~25 with the x3 weights.
