@@ -486,7 +486,10 @@ def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"no checkpoint in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
-  # Placed on this run's mesh whatever topology saved it (orbax may keep the saved one).
-  return jax.device_put(restored["state"]["params"], shardings)
+  # restore_args carry the target shardings: each shard is read straight onto its device,
+  # whatever topology saved the checkpoint (without them orbax keeps the saved placement).
+  item = {"params": target}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored["state"]["params"]
