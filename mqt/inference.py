@@ -41,23 +41,18 @@ def resolve_paths(config, workdir: str, checkpoint: str = "") -> tuple[str, str]
   problems = []
   checkpoint = checkpoint or default_checkpoint(config, workdir)
   if checkpoint == "hf":
-    init = config.init
-    wanted = ([("init.mqt_llava", init.mqt_llava)] if init.mqt_llava
-              else [("init.clip", init.clip), ("init.llm", init.llm)])
-    for field, value in wanted:
-      if not value:
-        problems.append(f"--config.{field} is not set (checkpoint=hf imports HF weights)")
-      elif not os.path.exists(value):
-        problems.append(f"--config.{field}={value} does not exist")
+    problems += train.hf_init_problems(config)
   elif not os.path.isdir(checkpoint):
     problems.append(f"checkpoint folder {checkpoint} does not exist (train first with "
                     f"python train.py --workdir=..., or pass --checkpoint=DIR or =hf)")
   tok = train.tokenizer_path(config, config.eval.data, workdir)
-  if config.tokenizer_path and not os.path.isfile(config.tokenizer_path):
-    problems.append(f"--config.tokenizer_path={config.tokenizer_path} does not exist")
-  elif not config.tokenizer_path and not os.path.isfile(tok):
+  if config.tokenizer_path or config.eval.data.kind != "builtin":
+    problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
+                                       train.TOKENIZER_WHAT))
+  elif not os.path.isfile(tok):
     problems.append(f"the built-in tokenizer {tok} does not exist (train.py writes it; or set "
                     f"--config.tokenizer_path)")
+  problems = [p for p in problems if p]
   if problems:
     raise ValueError("cannot load the model:\n  " + "\n  ".join(problems))
   return checkpoint, tok
@@ -90,7 +85,7 @@ def load(config, workdir: str, checkpoint: str = "") -> Loaded:
                                             tuple(config.sharding.logical_axis_rules))
       hf = config.copy_and_resolve_references()
       hf.init.kind = "hf"
-      params = train._init_params(hf, model_cfg, model, shardings)  # pylint: disable=protected-access
+      params = train.fresh_params(hf, model_cfg, model, shardings)
     else:
       params = train.load_params(checkpoint, model_cfg, mesh, config)
   return Loaded(model_cfg, model, params, tokenizer, mesh, checkpoint)

@@ -149,7 +149,7 @@ def _random_params(seed, model_cfg, model, shardings):
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
-def _init_params(config, model_cfg, model, shardings):
+def fresh_params(config, model_cfg, model, shardings):
   """Fresh parameters, created directly sharded (random or imported HF weights)."""
   init = config.init
   if init.kind == "random":
@@ -221,7 +221,7 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
     logging.info("%s: resumed from step %d", name, latest)
     print(f"[{name}] resumed from checkpoint at step {latest}", flush=True)
   else:
-    params = init_params if init_params is not None else _init_params(
+    params = init_params if init_params is not None else fresh_params(
         config, model_cfg, model, p_shard)
     params = jax.device_put(params, p_shard)
     state = jax.jit(make_state, out_shardings=state_shardings)(params)
@@ -389,16 +389,37 @@ def stages_to_run(config) -> list[int]:
   return [int(x) for x in str(config.run_stages).split(",") if x.strip()]
 
 
+def path_problem(field: str, value: str, what: str) -> str | None:
+  """What is wrong with the path in config field `field` (None: it exists)."""
+  if not value:
+    return f"--config.{field} is not set ({what})"
+  if not os.path.exists(value):
+    return f"--config.{field}={value} does not exist ({what})"
+  return None
+
+
+TOKENIZER_WHAT = "a LLaMA SentencePiece tokenizer.model"
+
+
+def hf_init_problems(config) -> list[str]:
+  """The HF weights `config.init` names: an MQT-LLaVA checkpoint, or CLIP + LLaMA."""
+  init = config.init
+  wanted = ([("init.mqt_llava", init.mqt_llava, "an HF-format MQT-LLaVA checkpoint")]
+            if init.mqt_llava else
+            [("init.clip", init.clip, "an HF CLIP vision checkpoint"),
+             ("init.llm", init.llm, "an HF LLaMA/Vicuna checkpoint")])
+  return [p for p in (path_problem(*w) for w in wanted) if p]
+
+
 def check_paths(config) -> None:
   """Fails before any compute when a file or folder the run needs is not configured or
   missing; the message names the config field (`--config.<field>=...`)."""
   problems = []
 
   def need(field, value, what):
-    if not value:
-      problems.append(f"--config.{field} is not set ({what})")
-    elif not os.path.exists(value):
-      problems.append(f"--config.{field}={value} does not exist ({what})")
+    problem = path_problem(field, value, what)
+    if problem:
+      problems.append(problem)
 
   blocks = [(f"stage{n}", config[f"stage{n}"].data) for n in stages_to_run(config)]
   if config.eval.ms:
@@ -412,17 +433,13 @@ def check_paths(config) -> None:
     elif d.kind != "builtin":
       problems.append(f"--config.{name}.data.kind={d.kind!r}: choose builtin | tfds | json")
     if d.kind != "builtin" or config.tokenizer_path:
-      need("tokenizer_path", config.tokenizer_path, "a LLaMA SentencePiece tokenizer.model")
+      need("tokenizer_path", config.tokenizer_path, TOKENIZER_WHAT)
   first = stages_to_run(config)[:1]
   if first and (config[f"stage{first[0]}"].init_from or config.init.kind == "checkpoint"):
     need(f"stage{first[0]}.init_from", config[f"stage{first[0]}"].init_from,
          "the checkpoints folder of an earlier stage")
   elif config.init.kind == "hf":
-    if config.init.mqt_llava:
-      need("init.mqt_llava", config.init.mqt_llava, "an HF-format MQT-LLaVA checkpoint")
-    else:
-      need("init.clip", config.init.clip, "an HF CLIP vision checkpoint")
-      need("init.llm", config.init.llm, "an HF LLaMA/Vicuna checkpoint")
+    problems += hf_init_problems(config)
   problems = list(dict.fromkeys(problems))  # Once each, in order.
   if problems:
     raise ValueError("this run cannot start:\n  " + "\n  ".join(problems))

@@ -103,6 +103,9 @@ def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(ValueError, match=rf"checkpoint folder {missing} does not exist"):
     evaluate.sweep(config, workdir, [4], ["builtin"], str(tmp_path / "a"), checkpoint=missing)
+  with pytest.raises(ValueError, match=r"--config.init.clip is not set .*\n.*--config.init.llm "
+                     r"is not set"):
+    evaluate.sweep(config, workdir, [4], ["builtin"], str(tmp_path / "a"), checkpoint="hf")
   assert not (tmp_path / "a").exists()
 
 
