@@ -30,6 +30,16 @@ def builtin_tokenizer_path(data_dir: str) -> str:
   return os.path.join(data_dir, SYNTHETIC + "_tokenizer", "tokenizer.model")
 
 
+def check_settings(stamp: str, wanted: dict, root: str, what: str) -> None:
+  """`root` was prepared with the settings recorded in the JSON file `stamp`: they must
+  be `wanted`, else a DataError (reusing it would silently mix two datasets)."""
+  with open(stamp) as f:
+    have = json.load(f)
+  if have != wanted:
+    raise DataError(f"{root} holds {what} prepared with {have}, but {wanted} is asked for; "
+                    f"use another data_dir or delete it")
+
+
 def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=None) -> str:
   """Prepares the built-in synthetic set (and tokenizer) unless already there."""
   from data import synthetic  # pylint: disable=import-outside-toplevel
@@ -39,11 +49,7 @@ def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=Non
   wanted = {"seed": seed, "image_size": image_size, "sizes": sizes}
   stamp = os.path.join(data_dir, SYNTHETIC + "_settings.json")
   if os.path.exists(os.path.join(root, "dataset_info.json")):
-    with open(stamp) as f:
-      have = json.load(f)
-    if have != wanted:
-      raise DataError(f"{root} holds the built-in set prepared with {have}, but {wanted} is "
-                      f"asked for; use another data_dir or delete it")
+    check_settings(stamp, wanted, root, "the built-in set")
     return root
   os.makedirs(data_dir, exist_ok=True)
   tok_path = builtin_tokenizer_path(data_dir)

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from data import prepare
 from data import synthetic
 from mqt import flops as flops_lib
 from mqt import inference
@@ -53,11 +54,7 @@ def builtin_benchmark_dir(config, workdir: str) -> str:
             "n_eval_per_type": int(config.data.builtin_sizes.eval) // len(synthetic.IMAGE_TYPES)}
   stamp = os.path.join(root, "settings.json")
   if os.path.exists(stamp):
-    with open(stamp) as f:
-      have = json.load(f)
-    if have != wanted:
-      raise ValueError(f"{root} holds benchmarks written with {have}, but {wanted} is asked "
-                       f"for; delete it or use another data_dir")
+    prepare.check_settings(stamp, wanted, root, "the built-in benchmark files")
     return root
   tmp = root + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)

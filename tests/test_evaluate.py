@@ -106,6 +106,12 @@ def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
   with pytest.raises(ValueError, match=r"--config.init.clip is not set .*\n.*--config.init.llm "
                      r"is not set"):
     evaluate.sweep(config, workdir, [4], ["builtin"], str(tmp_path / "a"), checkpoint="hf")
+  evaluate.builtin_benchmark_dir(config, workdir)  # Written with seed 0 (if not yet).
+  other = config.copy_and_resolve_references()
+  other.data.builtin_seed = 1  # Not what the benchmark files under data_dir were written with.
+  with pytest.raises(ValueError, match=r"mqt_synthetic_benchmarks holds the built-in benchmark "
+                     r"files prepared with .*'seed': 0.*'seed': 1.* is asked for"):
+    evaluate.sweep(other, workdir, [4], ["builtin"], str(tmp_path / "a"))
   assert not (tmp_path / "a").exists()
 
 
