@@ -27,16 +27,14 @@ import os
 import shutil
 import time
 
-import numpy as np
-
 from data import prepare
 from data import synthetic
 from mqt import flops as flops_lib
 from mqt import inference
-from mqt.jax_utils import count_compiles
 from mqt import matryoshka
 from mqt import scorers
 from mqt import train
+from mqt.jax_utils import count_compiles
 
 BUILTIN = ("synthetic", "pope", "scienceqa", "vqav2", "gqa")
 HEADLINE = {"synthetic": "accuracy", "pope": "f1", "scienceqa": "accuracy", "mme": "perception",
@@ -65,35 +63,6 @@ def builtin_benchmark_dir(config, workdir: str) -> str:
     json.dump(wanted, f)
   os.replace(tmp, root)  # Only a complete folder ever has the final name.
   return root
-
-
-def load_synthetic(json_path: str, image_folder: str) -> list[scorers.Question]:
-  """The built-in held-out questions (LLaVA JSON with "type" and "answer" per record)."""
-  with open(json_path) as f:
-    records = json.load(f)
-  out = []
-  for rec in records:
-    path = os.path.join(image_folder, rec["image"])
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"synthetic question {rec['id']}: image {path} does not exist")
-    question = rec["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "")
-    out.append(scorers.Question(qid=rec["id"], image=path, prompt=question, answer=rec["answer"],
-                                meta={"type": rec["type"], "subtype": rec.get("subtype")}))
-  return out
-
-
-def score_synthetic(questions, predictions) -> dict:
-  """accuracy: exact match after lowercasing and dropping a final period; type/<t>."""
-  missing = [q.qid for q in questions if q.qid not in predictions]
-  if missing:
-    raise ValueError(f"synthetic: no prediction for {len(missing)} question(s): {missing[:5]}")
-  right = [float(scorers.gqa_normalize(predictions[q.qid]) == q.answer.lower())
-           for q in questions]
-  out = {"accuracy": float(np.mean(right)) if right else 0.0, "n": float(len(right))}
-  for t in sorted({q.meta["type"] for q in questions}):
-    sel = [r for q, r in zip(questions, right) if q.meta["type"] == t]
-    out[f"type/{t}"] = float(np.mean(sel))
-  return out
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +97,7 @@ def load_benchmarks(config, names, workdir: str, limit: int = 0) -> dict:
   out = {}
   for name in expand_names(names):
     if name == "synthetic":
-      qs = load_synthetic(os.path.join(base(), "eval.json"), base())
+      qs = scorers.load_synthetic(os.path.join(base(), "eval.json"), base())
     elif name == "pope":
       if b.pope.folder:
         qs = scorers.load_pope(b.pope.folder, need(name, "image_folder", b.pope.image_folder))
@@ -170,12 +139,6 @@ def load_benchmarks(config, names, workdir: str, limit: int = 0) -> dict:
       raise ValueError(f"benchmark {name}: no questions were loaded")
     out[name] = qs
   return out
-
-
-def score(name: str, questions, predictions) -> dict:
-  if name == "synthetic":
-    return score_synthetic(questions, predictions)
-  return scorers.BENCHMARKS[name].score(questions, predictions)
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +216,7 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
     entry["xla_compiles_during_batches"] = batch_compiles()
     for name, qs in benches.items():
       preds = all_preds[name]
-      entry["benchmarks"][name] = score(name, qs, preds)
+      entry["benchmarks"][name] = scorers.BENCHMARKS[name].score(qs, preds)
       with open(os.path.join(out_dir, "predictions", f"{name}_m{m}.jsonl"), "w") as f:
         for q in qs:
           f.write(json.dumps({"qid": q.qid, "prediction": preds[q.qid],

@@ -43,6 +43,9 @@ Formats read (paths are the user's; "folder" is the image folder):
              also in the file (pre-rotated copies, as in VLMEvalKit's files) are
              dropped, since rotations are made here.
 
+  synthetic  the built-in held-out eval.json (data/synthetic.py): LLaVA records with
+             "type" and "answer"; exact match per type.
+
 Prompts omit "<image>" (the caller adds it). Short answers get
 "\nAnswer the question using a single word or phrase." (VizWiz first
 "\nWhen the provided information is insufficient, respond with 'Unanswerable'.");
@@ -941,6 +944,40 @@ def score_mmbench(questions: Sequence[Question], predictions: Mapping[str, str])
 
 
 # ---------------------------------------------------------------------------
+# The built-in synthetic held-out questions (data/synthetic.py writes eval.json).
+
+def load_synthetic(json_path: PathLike, image_folder: PathLike) -> list[Question]:
+  """eval.json of the built-in set: LLaVA records with "type" and "answer" fields;
+  image paths relative to image_folder. qid = the record's "id"."""
+  path = os.fspath(json_path)
+  folder = os.fspath(image_folder)
+  out = []
+  for n, rec in enumerate(_load_json(path, "synthetic eval JSON", list)):
+    rid = _field(rec, "id", path, n)
+    turns = _field(rec, "conversations", path, rid, list)
+    if not turns:
+      raise ValueError(f"{path}: record {rid!r} has an empty 'conversations' list")
+    question = _field(turns[0], "value", path, rid, str)
+    question = question.replace("<image>\n", "").replace("<image>", "")
+    qid = str(rid)
+    out.append(Question(qid, _image(folder, _field(rec, "image", path, rid, str), qid,
+                                    "synthetic"),
+                        question, str(_field(rec, "answer", path, rid)),
+                        {"type": _field(rec, "type", path, rid), "subtype": rec.get("subtype")}))
+  return _unique_qids(out, path)
+
+
+def score_synthetic(questions: Sequence[Question], predictions: Mapping[str, str]) -> dict:
+  """accuracy: exact match of gqa_normalize(prediction) with the lower-cased answer; n;
+  type/<t> per question type."""
+  _check(questions, predictions, "synthetic")
+  right = [float(gqa_normalize(predictions[q.qid]) == q.answer.lower()) for q in questions]
+  out = {"accuracy": _mean(right), "n": float(len(questions))}
+  _breakdown(out, "type", [q.meta["type"] for q in questions], right)
+  return out
+
+
+# ---------------------------------------------------------------------------
 
 class Benchmark(NamedTuple):
   """A benchmark's loader (arguments differ per benchmark) and scorer."""
@@ -949,6 +986,7 @@ class Benchmark(NamedTuple):
 
 
 BENCHMARKS = {
+    "synthetic": Benchmark(load_synthetic, score_synthetic),
     "scienceqa": Benchmark(load_scienceqa, score_scienceqa),
     "pope": Benchmark(load_pope, score_pope),
     "mme": Benchmark(load_mme, score_mme),

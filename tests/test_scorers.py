@@ -480,7 +480,7 @@ def test_scorers_reject_missing_and_unknown_predictions():
 
 def test_registry():
   assert set(S.BENCHMARKS) == {"scienceqa", "pope", "mme", "gqa", "vqav2", "textvqa", "vizwiz",
-                               "mmbench"}
+                               "mmbench", "synthetic"}
   load, score = S.BENCHMARKS["gqa"]
   assert load is S.load_gqa and score is S.score_gqa
 
@@ -518,5 +518,13 @@ def test_synthetic_benchmarks(tmp_path):
   gqa = S.load_gqa(os.path.join(d, "gqa", "testdev_balanced_questions.json"), d)
   assert len(gqa) == 4
   assert S.score_gqa(gqa, {q.qid: q.answer for q in gqa})["accuracy"] == 1.0
-  for q in pope + sqa + vqa + gqa:
+  syn = S.load_synthetic(os.path.join(d, "eval.json"), d)
+  assert len(syn) == 4 * len(synthetic.IMAGE_TYPES)
+  m = S.score_synthetic(syn, {q.qid: q.answer.capitalize() + "." for q in syn})
+  assert m["accuracy"] == 1.0 and set(m) >= {f"type/{t}" for t in synthetic.IMAGE_TYPES}
+  wrong = {q.qid: (q.answer if q.meta["type"] == "count" else "zzz") for q in syn}
+  m = S.score_synthetic(syn, wrong)
+  assert m["type/count"] == 1.0 and m["type/colour"] == 0.0
+  assert m["accuracy"] == pytest.approx(1 / len(synthetic.IMAGE_TYPES))
+  for q in pope + sqa + vqa + gqa + syn:
     assert os.path.isabs(q.image) and os.path.isfile(q.image)
