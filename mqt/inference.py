@@ -144,7 +144,6 @@ class Answerer:
                                           sds((), jnp.int32)).compile()
       self._prefill = jax.jit(first).lower(loaded.params, *shapes).compile()
     self.compile_s = time.perf_counter() - t0
-    self.compiles = 2  # AOT: a call with other shapes is an error, never a recompile.
     self.generate_s, self.batches, self.tokens = 0.0, 0, 0
 
   def prefill_latency(self, images, ids, mask, repeats: int = 5) -> float:
