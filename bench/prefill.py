@@ -29,6 +29,7 @@ from flax import linen as nn
 
 from bench.train_step import matmul_peak
 from configs import tiny
+from mqt import cli
 from mqt import flops
 from mqt import generate as gen
 from mqt.jax_utils import count_compiles
@@ -107,8 +108,7 @@ def bench(config, batch: int, ms, text_len: int, max_new: int, runs: int) -> lis
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   ms = [int(x) for x in _MS.value]
   start = time.perf_counter()
   peak = matmul_peak()

@@ -50,6 +50,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mqt import cli
 from mqt.decoder import LlamaConfig
 from mqt.matryoshka import validate_m
 from mqt.model import ModelConfig
@@ -221,8 +222,7 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   f = flags.FLAGS
   try:
     ms = [int(x) for x in f.ms]
