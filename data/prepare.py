@@ -46,7 +46,8 @@ def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=Non
   from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   sizes = dict(sizes or {"captions": 4000, "instruct": 12000, "eval": 600})
   root = builtin_root(data_dir)
-  wanted = {"seed": seed, "image_size": image_size, "sizes": sizes}
+  wanted = {"seed": seed, "image_size": image_size, "sizes": sizes,
+            "version": synthetic.DATA_VERSION}
   stamp = os.path.join(data_dir, SYNTHETIC + "_settings.json")
   if os.path.exists(os.path.join(root, "dataset_info.json")):
     check_settings(stamp, wanted, root, "the built-in set")

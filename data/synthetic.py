@@ -3,7 +3,9 @@ r"""A built-in synthetic vision-language dataset: coloured shapes on a 3x3 grid.
 Each scene is a lightly textured grey background holding 1 to 4 objects. An
 object has a shape (circle, square, triangle, diamond, cross), a colour (red,
 green, blue, yellow, purple, orange), a size (small, large) and a cell of a
-3x3 grid (jittered inside it, so objects never overlap). Colours and shapes
+3x3 grid, centred in it (`JITTER` = 0), so objects never overlap and a
+vision tower whose patches are the cells (configs/tiny.py: 72 px, 24 px
+patches) sees each object whole in one patch. Colours and shapes
 are drawn with mildly skewed frequencies, so that some colour-shape combos are
 "popular" (as objects are in COCO), which POPE's popular negatives need.
 
@@ -16,8 +18,9 @@ global state. Geometry is normalized to [0, 1], so one scene renders at any
 Splits (each its own stream, so held-out images never appear in training):
   captions   stage 1: "<image>\n" + a caption request -> a caption naming
              every object's size, colour, shape and grid position.
-  instruct   stage 2: single-word-answer questions of six types (record field
-             "type"), plus a few two-question conversations ("multi") and
+  instruct   stage 2: conversations of 1 to 4 single-word-answer questions
+             of distinct types about one image (one question: record field
+             "type" is its type; more: "multi", with "types"), and a few
              text-only samples ("text", no "image" key).
   eval       held out: `n_eval_per_type` single-turn records per type, with
              the reference "answer" on each record.
@@ -61,6 +64,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TOKENIZER_VOCAB = 512  # SentencePiece vocabulary size for this data's text.
+# Bumped whenever the generator's output changes: a data_dir prepared by another
+# version is refused (data.prepare.check_settings) instead of silently reused.
+DATA_VERSION = 2  # 2: image conversations of 1-4 questions.
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOR_RGB = {
@@ -74,6 +80,7 @@ SHAPE_WEIGHTS = (0.28, 0.24, 0.20, 0.16, 0.12)
 SIZES = ("small", "large")
 RADIUS = {"small": 0.075, "large": 0.14}  # Fraction of the image side.
 GRID = 3
+JITTER = 0.0  # Max offset of an object from its cell's centre (fraction of the side).
 MAX_OBJECTS = 4
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
@@ -92,8 +99,12 @@ POPULAR_TOP = 3  # A popular negative is one of the 3 most frequent absent combo
 
 IMAGE_TYPES = ("colour", "count", "position", "exist", "choice", "short")
 NEG_KINDS = ("random", "popular", "adversarial")
-INSTRUCT_MIX = (("colour", 0.14), ("count", 0.14), ("position", 0.14), ("exist", 0.16),
-                ("choice", 0.14), ("short", 0.14), ("multi", 0.08), ("text", 0.06))
+TEXT_FRACTION = 0.06  # Text-only instruct samples; the rest are about an image.
+# Questions per image conversation (as LLaVA's VQAv2 data groups an image's
+# questions): a one-word answer is 2 supervised tokens, so one question per
+# 80-token sample would spend almost all the compute on the prompt.
+TURN_WEIGHTS = ((1, 0.15), (2, 0.2), (3, 0.3), (4, 0.35))
+TURN_CHAR_BUDGET = 300  # Characters of question text per conversation (~fits max_len 160).
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCD"
@@ -184,7 +195,7 @@ def _draw_scene(rng: np.random.Generator, image_size: int) -> Scene:
     row, col = divmod(cell, GRID)
     size = SIZES[int(zu * 2)]
     r = RADIUS[size]
-    jitter = max(0.0, 0.5 / GRID - r - 0.01)  # Stays inside its cell: no overlaps.
+    jitter = min(JITTER, max(0.0, 0.5 / GRID - r - 0.01))  # Stays inside its cell.
     objects.append(Obj(
         shape=SHAPES[_pick(_SHAPE_CUM, su)], color=COLORS[_pick(_COLOR_CUM, cu)], size=size,
         row=row, col=col, x=float((col + 0.5) / GRID + (2 * ju - 1) * jitter),
@@ -525,7 +536,7 @@ def _text_only(rid: str, rng) -> dict:
           "type": "text", "subtype": sub, "answer": ans}
 
 
-_MIX_CUM = list(np.cumsum([w for _, w in INSTRUCT_MIX]) / sum(w for _, w in INSTRUCT_MIX))
+_TURN_CUM = list(np.cumsum([w for _, w in TURN_WEIGHTS]) / sum(w for _, w in TURN_WEIGHTS))
 _BARE_ASKED = ("colour", "count", "position", "exist")  # The suffix is optional for these.
 
 
@@ -542,28 +553,45 @@ def _caption_record(seed, split, index, image_size):
 
 
 def _instruct_record(seed, split, index, image_size):
+  """A text-only sample, or 1 to 4 questions of distinct types about one image
+  (the first question's type drawn uniformly; later ones while the questions
+  fit TURN_CHAR_BUDGET). One question: "type" is its type; more: "multi"."""
   rng = _rng(seed, split, index)
   rid = f"{split}_{index}"
-  kind = INSTRUCT_MIX[_pick(_MIX_CUM, rng.random())][0]
-  if kind == "text":
+  if rng.random() < TEXT_FRACTION:
     return _text_only(rid, rng), None
-  if kind == "multi":
-    i, j = (int(x) for x in rng.permutation(len(IMAGE_TYPES))[:2])
-    types = (IMAGE_TYPES[i], IMAGE_TYPES[j])
-    scene, asked = _scene_for(rng, image_size, types)
-    conv = []
-    for n, (t, q) in enumerate(zip(types, asked)):
-      suffix = t in _BARE_ASKED and rng.random() < 0.5
-      text = q["question"] + (f"\n{SHORT_SUFFIX}" if suffix else "")
-      conv += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + text},
-               {"from": "gpt", "value": q["answer"]}]
-    rec = {"id": rid, "image": _image_path(split, index), "conversations": conv,
-           "type": "multi", "types": list(types), "subtypes": [q["subtype"] for q in asked],
-           "answers": [q["answer"] for q in asked]}
+  want = TURN_WEIGHTS[_pick(_TURN_CUM, rng.random())][0]
+  order = [IMAGE_TYPES[int(i)] for i in rng.permutation(len(IMAGE_TYPES))]
+  scene, (first,) = _scene_for(rng, image_size, order[:1])
+  types, asked, texts = [order[0]], [first], []
+  for t in order[1:]:
+    if len(types) == want:
+      break
+    q = _ASK[t](scene, rng)
+    if q is not None:
+      types.append(t)
+      asked.append(q)
+  used = 0
+  for n, (t, q) in enumerate(zip(types, asked)):
+    text = q["question"] + (f"\n{SHORT_SUFFIX}" if t in _BARE_ASKED and rng.random() < 0.5
+                            else "")
+    if n and used + len(text) > TURN_CHAR_BUDGET:
+      types, asked = types[:n], asked[:n]
+      break
+    used += len(text)
+    texts.append(text)
+  if len(types) == 1:
+    rec = _single(rid, split, index, types[0], asked[0], suffix=False)
+    rec["conversations"][0]["value"] = "<image>\n" + texts[0]
     return rec, scene
-  scene, (q,) = _scene_for(rng, image_size, (kind,))
-  suffix = kind in _BARE_ASKED and rng.random() < 0.5
-  return _single(rid, split, index, kind, q, suffix), scene
+  conv = []
+  for n, (text, q) in enumerate(zip(texts, asked)):
+    conv += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + text},
+             {"from": "gpt", "value": q["answer"]}]
+  rec = {"id": rid, "image": _image_path(split, index), "conversations": conv,
+         "type": "multi", "types": types, "subtypes": [q["subtype"] for q in asked],
+         "answers": [q["answer"] for q in asked]}
+  return rec, scene
 
 
 def _eval_record(seed, split, index, image_size):

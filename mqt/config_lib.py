@@ -47,7 +47,7 @@ def logical_axis_rules():
 
 
 def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="pad",
-               batch_size=32, group_by_modality=True):
+               batch_size=32, group_by_modality=True, max_len=0):
   """Where one stage (or the evaluation) reads its samples from."""
   return ml_collections.ConfigDict(dict(
       kind=kind,  # builtin (the synthetic set, prepared on first use) | tfds | json
@@ -58,7 +58,8 @@ def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="
       template=template,  # plain (stage 1) | vicuna_v1 (stage 2, eval)
       image_mode=image_mode,  # crop (stage 1) | pad (stage 2, eval)
       batch_size=batch_size,  # Global batch size.
-      group_by_modality=group_by_modality))  # All-image or all-text batches.
+      group_by_modality=group_by_modality,  # All-image or all-text batches.
+      max_len=max_len))  # Sequence length for this data (0: config.data.max_len).
 
 
 def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0.03,

@@ -49,7 +49,8 @@ def builtin_benchmark_dir(config, workdir: str) -> str:
   """The synthetic held-out splits in the published formats (written once, atomically)."""
   root = os.path.join(train.builtin_dir(config, workdir), "mqt_synthetic_benchmarks")
   wanted = {"seed": int(config.data.builtin_seed), "image_size": int(config.data.builtin_image_size),
-            "n_eval_per_type": int(config.data.builtin_sizes.eval) // len(synthetic.IMAGE_TYPES)}
+            "n_eval_per_type": int(config.data.builtin_sizes.eval) // len(synthetic.IMAGE_TYPES),
+            "version": synthetic.DATA_VERSION}
   stamp = os.path.join(root, "settings.json")
   if os.path.exists(stamp):
     prepare.check_settings(stamp, wanted, root, "the built-in benchmark files")

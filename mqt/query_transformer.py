@@ -44,6 +44,12 @@ class QueryConfig:
   depth: int = 2
   mlp_dim: int = 4096
   latent_attention: str = "prefix"  # prefix | causal
+  # official only: q_proj and k_proj start from the same random matrix, so at
+  # initialization q.k is the similarity of a latent's sin-cos position and a
+  # patch's: each latent starts by pooling its own region of the image instead
+  # of a near-uniform average (the official code's random init). Matters when
+  # training from scratch; an imported checkpoint overwrites both.
+  spatial_init: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -160,8 +166,14 @@ class OfficialQueryTransformer(nn.Module):
     q = layers.layer_norm(c.ln_eps, name="ln_q", **kw)(query + pos16[:n])
     k = layers.layer_norm(c.ln_eps, name="ln_k", **kw)(pos_kv)
     v = layers.layer_norm(c.ln_eps, name="ln_v", **kw)(features)
-    q = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="q_proj", **kw)(q)
-    k = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="k_proj", **kw)(k)
+    init = nn.initializers.lecun_normal()
+    if c.spatial_init and self.is_initializing():
+      shared = self.make_rng("params")
+      init = lambda _, shape, dtype: nn.initializers.lecun_normal()(shared, shape, dtype)
+    q = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="q_proj",
+                     kernel_init=init, **kw)(q)
+    k = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="k_proj",
+                     kernel_init=init, **kw)(k)
     v = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="v_proj", **kw)(v)
     q = jnp.broadcast_to(_heads(q, c.heads)[None], (b, n, c.heads, c.width // c.heads))
     k = jnp.broadcast_to(_heads(k, c.heads)[None], (b, p, c.heads, c.width // c.heads))

@@ -119,9 +119,11 @@ def tokenizer_path(config, data_cfg, workdir: str) -> str:
 def pipeline_config(config, d, model_cfg: ModelConfig, workdir: str, *, train: bool):
   """A data block -> data.pipeline.PipelineConfig (eval: one ordered pass, fail on errors)."""
   from data import pipeline  # pylint: disable=import-outside-toplevel
-  max_text_len = config.data.max_len - model_cfg.query.num_queries + 1
+  max_len, field = ((d.max_len, "the data block's max_len") if d.get("max_len") else
+                    (config.data.max_len, "config.data.max_len"))
+  max_text_len = max_len - model_cfg.query.num_queries + 1
   if max_text_len < 2:
-    raise ValueError(f"config.data.max_len={config.data.max_len} leaves no room for text after "
+    raise ValueError(f"{field}={max_len} leaves no room for text after "
                      f"{model_cfg.query.num_queries} visual tokens")
   tok_path = tokenizer_path(config, d, workdir)
   from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel

@@ -62,3 +62,26 @@ def test_dtype_option_gives_bf16_compute_with_f32_params():
   assert "bf16[2,21,128]" in str(hidden)  # Decoder activations run in bfloat16.
   logits, _ = model.apply(params, images, ids, mask, 4)
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_each_data_block_may_set_its_own_max_len(tmp_path):
+  """A stage's (or the eval's) data block max_len overrides config.data.max_len; 0
+  inherits it; too short for the visual tokens is an error naming the setting."""
+  from data import synthetic
+  from data import tokenizer as tokenizer_lib
+  from mqt import train
+  config = tiny.get_config()
+  config.tokenizer_path = tokenizer_lib.train_tokenizer(
+      synthetic.corpus_text(0, 50), str(tmp_path / "tokenizer.model"), vocab_size=400)
+  cfg = ModelConfig.from_config(config.model)
+  m = cfg.query.num_queries
+  got = lambda d: train.pipeline_config(config, d, cfg, str(tmp_path), train=True).max_text_len
+  assert got(config.stage1.data) == 64 - m + 1
+  assert got(config.stage2.data) == config.data.max_len - m + 1
+  assert got(config.eval.data) == 112 - m + 1
+  config.stage2.data.max_len = 16
+  with pytest.raises(ValueError, match="the data block's max_len=16 leaves no room"):
+    got(config.stage2.data)
+  config.stage2.data.max_len, config.data.max_len = 0, 12
+  with pytest.raises(ValueError, match=r"config.data.max_len=12 leaves no room"):
+    got(config.stage2.data)

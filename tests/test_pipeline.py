@@ -224,3 +224,20 @@ def test_tfds_prepare_skips_and_counts_missing_images(llava_dir, tmp_path):
   meta = tfds.builder_from_directory(out).info.metadata
   assert [s[0] for s in meta["skipped"]["train"]] == ["gone"]
   assert len(TfdsSource(out, "train")) == 1
+
+
+def test_builtin_set_from_another_generator_version_is_refused(tmp_path):
+  """A data_dir prepared by an older data/synthetic.py (other DATA_VERSION) is not
+  silently reused: the error names the folder and both settings."""
+  from data import synthetic
+  root = prepare.builtin_root(str(tmp_path))
+  os.makedirs(root)
+  open(os.path.join(root, "dataset_info.json"), "w").close()
+  sizes = {"captions": 4, "instruct": 4, "eval": 6}
+  with open(os.path.join(str(tmp_path), prepare.SYNTHETIC + "_settings.json"), "w") as f:
+    json.dump({"seed": 0, "image_size": 72, "sizes": sizes,
+               "version": synthetic.DATA_VERSION - 1}, f)
+  with pytest.raises(DataError, match=rf"{root} holds the built-in set prepared with "
+                     rf".*'version': {synthetic.DATA_VERSION - 1}.*'version': "
+                     rf"{synthetic.DATA_VERSION}"):
+    prepare.ensure_builtin(str(tmp_path), seed=0, image_size=72, sizes=sizes)

@@ -255,7 +255,26 @@ def test_instruct_answers_true_to_scene():
       assert len(answer.split()) == 1
       check_answer(scene, t, conv[2 * n]["value"], answer, rec if t == rec["type"] else {})
   assert set(types) == set(S.IMAGE_TYPES) | {"multi", "text"}
-  assert 0.02 < types["text"] / 1500 < 0.12 and 0.04 < types["multi"] / 1500 < 0.14
+  assert 0.02 < types["text"] / 1500 < 0.12 and 0.6 < types["multi"] / 1500 < 0.85
+  assert all(types[t] > 15 for t in S.IMAGE_TYPES)  # Single questions of every type too.
+
+
+def test_instruct_conversations_fit_tiny_max_len():
+  """Questions per conversation stay within TURN_CHAR_BUDGET, so the built-in
+  default (max_len 160) never truncates one; every image type opens some."""
+  first, turns = collections.Counter(), collections.Counter()
+  for i in range(600):
+    rec = S.instruct_sample(SEED, "instruct", i)
+    if rec["type"] == "text":
+      continue
+    qs = [t["value"].replace("<image>\n", "") for t in rec["conversations"][0::2]]
+    assert len(qs) <= 4 and sum(map(len, qs)) <= S.TURN_CHAR_BUDGET or len(qs) == 1
+    types = rec["types"] if rec["type"] == "multi" else [rec["type"]]
+    assert len(set(types)) == len(types)
+    first[types[0]] += 1
+    turns[len(qs)] += 1
+  assert set(first) == set(S.IMAGE_TYPES) and min(first.values()) > 50
+  assert sum(n * c for n, c in turns.items()) / sum(turns.values()) > 2.2
 
 
 def test_eval_answers_and_balance():
