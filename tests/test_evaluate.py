@@ -134,7 +134,7 @@ def test_answers_do_not_depend_on_batch_mates(trained):
   assert len({len(p) for p in prompts}) > 1
   text_len = max(len(p) for p in prompts)
   ids, mask = inference.pad_prompts(prompts, text_len)
-  images = inference.load_images([q.image for q in questions], 64)
+  images = inference.load_images([q.image for q in questions], config.model.vision.image_size)
   sampling = inference.sampling_config(config.eval.generation, loaded.tokenizer)
   together = inference.Answerer(loaded, 4, len(prompts), text_len, sampling)(images, ids, mask)
   one = inference.Answerer(loaded, 4, 1, text_len, sampling)
