@@ -66,7 +66,7 @@ from PIL import Image, ImageDraw
 TOKENIZER_VOCAB = 512  # SentencePiece vocabulary size for this data's text.
 # Bumped whenever the generator's output changes: a data_dir prepared by another
 # version is refused (data.prepare.check_settings) instead of silently reused.
-DATA_VERSION = 2  # 2: image conversations of 1-4 questions.
+DATA_VERSION = 2  # 2: image conversations of 1-4 questions; objects centred in cells.
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOR_RGB = {
@@ -571,19 +571,18 @@ def _instruct_record(seed, split, index, image_size):
     if q is not None:
       types.append(t)
       asked.append(q)
-  used = 0
+  used, suffixes = 0, []
   for n, (t, q) in enumerate(zip(types, asked)):
-    text = q["question"] + (f"\n{SHORT_SUFFIX}" if t in _BARE_ASKED and rng.random() < 0.5
-                            else "")
+    suffix = t in _BARE_ASKED and rng.random() < 0.5
+    text = q["question"] + (f"\n{SHORT_SUFFIX}" if suffix else "")
     if n and used + len(text) > TURN_CHAR_BUDGET:
       types, asked = types[:n], asked[:n]
       break
     used += len(text)
+    suffixes.append(suffix)
     texts.append(text)
   if len(types) == 1:
-    rec = _single(rid, split, index, types[0], asked[0], suffix=False)
-    rec["conversations"][0]["value"] = "<image>\n" + texts[0]
-    return rec, scene
+    return _single(rid, split, index, types[0], asked[0], suffixes[0]), scene
   conv = []
   for n, (text, q) in enumerate(zip(texts, asked)):
     conv += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + text},
