@@ -250,4 +250,7 @@ def make_query_transformer(cfg: QueryConfig, name: str = "query") -> nn.Module:
   if cfg.variant not in variants:
     raise ValueError(f"unknown query transformer variant {cfg.variant!r}; "
                      f"choose one of {sorted(variants)}")
+  if cfg.spatial_init and cfg.variant != "official":
+    raise ValueError(f"config.model.query.spatial_init is for the official variant only; "
+                     f"the {cfg.variant!r} variant would ignore it")
   return variants[cfg.variant](cfg, name=name)

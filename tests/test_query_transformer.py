@@ -156,3 +156,8 @@ def test_spatial_init_starts_each_latent_on_its_region():
     assert not np.array_equal(params["q_proj"]["kernel"], params["k_proj"]["kernel"])
     lat = attn.reshape(4, 4, 3, 3)
     assert lat[0, :, 0].sum(-1).mean() < 1.3 * lat[3, :, 0].sum(-1).mean()
+
+
+def test_spatial_init_on_another_variant_is_refused():
+  with pytest.raises(ValueError, match="spatial_init is for the official variant only"):
+    qt.make_query_transformer(qt.QueryConfig(variant="perceiver", spatial_init=True))
