@@ -2,8 +2,8 @@ r"""Input pipeline throughput (samples/s) against what the tiny train step consu
 
   python -m bench.data_pipeline
 
-Two datasets: the built-in synthetic set (64 px PNG, as configs/tiny.py reads
-it) and LLaVA-format JSON with real JPEG photos (skimage) decoded, padded and
+Two datasets: the built-in synthetic set (PNG at configs/tiny.py's image size,
+as it reads it) and LLaVA-format JSON with real JPEG photos (skimage) decoded, padded and
 resized to 336 px (the 7B model's input), each through TFDS ArrayRecord and
 the grain pipeline, in-process and with 2 worker processes.
 """
@@ -61,20 +61,22 @@ def _jpeg_llava(root, n=240):
 def main(argv):
   del argv
   root = tempfile.mkdtemp(prefix="mqt_bench_")
+  config = tiny.get_config()
+  px = config.data.builtin_image_size
+  text_len = config.data.max_len - config.model.query.num_queries + 1
   sizes = {"captions": 64, "instruct": 2000, "eval": 64}
-  synth = prepare.ensure_builtin(os.path.join(root, "builtin"), sizes=sizes)
+  synth = prepare.ensure_builtin(os.path.join(root, "builtin"), image_size=px, sizes=sizes)
   tok = prepare.builtin_tokenizer_path(os.path.join(root, "builtin"))
   jpeg = _jpeg_llava(os.path.join(root, "jpeg"))
   rows = []
-  for name, src, size in (("built-in 64px PNG", TfdsSource(synth, "instruct"), 64),
+  for name, src, size in ((f"built-in {px}px PNG", TfdsSource(synth, "instruct"), px),
                           ("LLaVA JPEG 336px", TfdsSource(jpeg, "train"), 336)):
     for workers in (0, 2):
-      cfg = pipeline.PipelineConfig(batch_size=32, max_text_len=113, image_size=size,
+      cfg = pipeline.PipelineConfig(batch_size=32, max_text_len=text_len, image_size=size,
                                     tokenizer_path=tok, worker_count=workers, num_epochs=None)
       rows.append((name, workers, _throughput(src, cfg, _BATCHES.value)))
   # What the train step of configs/tiny.py consumes, measured in the same run.
-  config = tiny.get_config()
-  need = bench_train_step.bench(config, 32, config.data.max_len - 16 + 1, 5)
+  need = bench_train_step.bench(config, 32, text_len, 5)
   consumed = 32 / need["step_s"]
   print(f"{'dataset':<20}{'workers':>8}{'samples/s':>12}{'x tiny step':>12}")
   for name, workers, rate in rows:

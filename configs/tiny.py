@@ -2,7 +2,7 @@ r"""A CPU-sized MQT-LLaVA: the project's built-in default.
 
 Same structure as configs/mqt_llava.py (CLIP-style tower, the official query
 transformer, LLaMA decoder with grouped-query attention), small enough to
-train on two CPU cores in about 12 minutes.
+train on two CPU cores in about 13 minutes.
 
   python train.py --config=configs/tiny.py
 
@@ -23,7 +23,8 @@ from pretrained CLIP and Vicuna, so
     0.79 / 0.89 / 0.82 (held-out teacher-forced accuracy of those words);
 (3) 72 px images with 24 px patches: the 3x3 patches are the synthetic
     scenes' 3x3 cells (objects are centred in them), so the tower sees each
-    object whole in one patch;
+    object whole in one patch (the data's choices that help a random tower,
+    outlined shapes and the caption order, are in data/synthetic.py);
 (4) lr 1e-3 in both stages (a small model from scratch, not a 7B fine-tune;
     3e-3 learned slower), and sequence lengths per stage (captions fit 64
     tokens, instruction conversations 160);

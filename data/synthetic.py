@@ -5,7 +5,8 @@ object has a shape (circle, square, triangle, diamond, cross), a colour (red,
 green, blue, yellow, purple, orange), a size (small, large) and a cell of a
 3x3 grid, centred in it (`JITTER` = 0), so objects never overlap and a
 vision tower whose patches are the cells (configs/tiny.py: 72 px, 24 px
-patches) sees each object whole in one patch. Colours and shapes
+patches) sees each object whole in one patch. Shapes are drawn flat with a
+dark outline (`OUTLINE`), as in a cartoon. Colours and shapes
 are drawn with mildly skewed frequencies, so that some colour-shape combos are
 "popular" (as objects are in COCO), which POPE's popular negatives need.
 
@@ -17,7 +18,8 @@ global state. Geometry is normalized to [0, 1], so one scene renders at any
 
 Splits (each its own stream, so held-out images never appear in training):
   captions   stage 1: "<image>\n" + a caption request -> a caption naming
-             every object's size, colour, shape and grid position.
+             every object's size, colour, shape and grid position, objects
+             in an order drawn per caption (`SHUFFLE_CAPTIONS`).
   instruct   stage 2: conversations of 1 to 4 single-word-answer questions
              of distinct types about one image (one question: record field
              "type" is its type; more: "multi", with "types"), and a few
@@ -66,7 +68,7 @@ from PIL import Image, ImageDraw
 TOKENIZER_VOCAB = 512  # SentencePiece vocabulary size for this data's text.
 # Bumped whenever the generator's output changes: a data_dir prepared by another
 # version is refused (data.prepare.check_settings) instead of silently reused.
-DATA_VERSION = 2  # 2: image conversations of 1-4 questions; objects centred in cells.
+DATA_VERSION = 3  # 2: 1-4 questions per image, centred objects; 3: outlines, caption order.
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOR_RGB = {
@@ -80,6 +82,15 @@ SHAPE_WEIGHTS = (0.28, 0.24, 0.20, 0.16, 0.12)
 SIZES = ("small", "large")
 RADIUS = {"small": 0.075, "large": 0.14}  # Fraction of the image side.
 GRID = 3
+# Every shape has a dark outline (width in pixels at 72 px, scaled with the
+# image). Without it a shape is its fill colour times a mask: a linear probe on
+# a cell's pixels names the shape at 0.76, and the tiny model's tower took
+# ~1,500 caption steps to learn shapes; outlined, the probe reads 1.00 and
+# reading-order captions name shapes at 0.97 after 900 steps (held-out,
+# teacher-forced; 0.28 without the outline).
+OUTLINE = 1
+OUTLINE_RGB = (25, 25, 25)
+SHUFFLE_CAPTIONS = True
 JITTER = 0.0  # Max offset of an object from its cell's centre (fraction of the side).
 MAX_OBJECTS = 4
 ROWS = ("top", "middle", "bottom")
@@ -210,7 +221,7 @@ _GRADIENT = np.linspace(-8, 8, 8).round().astype(np.int64)[:, None, None]  # 8x8
 
 
 def render(scene: Scene, image_size: int | None = None) -> Image.Image:
-  """Renders a scene: textured background (noise + vertical gradient), flat shapes."""
+  """Renders a scene: textured background (noise + vertical gradient), flat outlined shapes."""
   s = int(image_size or scene.image_size)
   # A smooth texture: 8x8 grey noise plus a vertical gradient, upsampled
   # bilinearly (the same look at any size; cheap to PNG-encode, unlike
@@ -220,22 +231,26 @@ def render(scene: Scene, image_size: int | None = None) -> Image.Image:
   low = (np.asarray(scene.background) + noise + _GRADIENT).astype(np.uint8)  # In [65, 194].
   img = Image.fromarray(low, "RGB").resize((s, s), Image.BILINEAR)
   draw = ImageDraw.Draw(img)
+  line = OUTLINE_RGB if OUTLINE else None
+  width = max(1, round(OUTLINE * s / 72)) if OUTLINE else 0
   for o in scene.objects:
     cx, cy, r, fill = o.x * s, o.y * s, o.radius * s, COLOR_RGB[o.color]
+    kw = dict(fill=fill, outline=line, width=width)
     if o.shape == "circle":
-      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+      draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
     elif o.shape == "square":
       h = 0.85 * r
-      draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+      draw.rectangle([cx - h, cy - h, cx + h, cy + h], **kw)
     elif o.shape == "triangle":
       draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)],
-                   fill=fill)
+                   **kw)
     elif o.shape == "diamond":
-      draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+      draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], **kw)
     elif o.shape == "cross":
       w = 0.38 * r
-      draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-      draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+      draw.polygon([(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
+                    (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
+                    (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)], **kw)
     else:
       raise ValueError(f"unknown shape {o.shape!r}")
   return img
@@ -262,9 +277,10 @@ def png_bytes(image: Image.Image, level: int = 1) -> bytes:
           + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + _png_chunk(b"IEND", b""))
 
 
-def caption(scene: Scene) -> str:
-  """The stage 1 caption: every object, in reading order."""
-  objs = [o.describe() for o in scene.objects]
+def caption(scene: Scene, order=None) -> str:
+  """The stage 1 caption: every object, in reading order or in `order` (indices)."""
+  order = range(len(scene.objects)) if order is None else order
+  objs = [scene.objects[int(i)].describe() for i in order]
   if len(objs) == 1:
     return f"There is 1 object: {objs[0]}."
   return f"There are {len(objs)} objects: {', '.join(objs[:-1])} and {objs[-1]}."
@@ -544,7 +560,10 @@ def _caption_record(seed, split, index, image_size):
   rng = _rng(seed, split, index)
   scene = _draw_scene(rng, image_size)
   request = _choose(rng, CAPTION_REQUESTS)
-  cap = caption(scene)
+  # Objects in an order drawn per caption: after "a large red" the model must find
+  # the large red object to name its shape and cell (what every question type
+  # asks), instead of reading cells off in order.
+  cap = caption(scene, rng.permutation(len(scene.objects)) if SHUFFLE_CAPTIONS else None)
   rec = {"id": f"{split}_{index}", "image": _image_path(split, index),
          "conversations": [{"from": "human", "value": "<image>\n" + request},
                            {"from": "gpt", "value": cap}],

@@ -10,7 +10,8 @@ length T and batch size, so there is exactly one compile per m (plus one of
 the prefill alone, for its latency). Per m it records each benchmark's
 metrics, the analytic FLOPs split by component (mqt/flops.py), the median
 prefill latency of one batch and the decode throughput (generated tokens per
-second of generation time after the prefill).
+second of generation time after the prefill; "n/a" when generation is almost
+all prefill and the difference would be noise, see `decode_rate`).
 
 Benchmarks: the built-in synthetic ones (`builtin`: the held-out `synthetic`
 questions scored by exact match per type, and `pope`, `scienceqa`, `vqav2`,
@@ -225,15 +226,15 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
           f.write(json.dumps({"qid": q.qid, "prediction": preds[q.qid],
                               "answer": q.answer if isinstance(q.answer, (str, int)) else None})
                   + "\n")
-    decode_s = max(runner.generate_s - runner.batches * prefill_s, 1e-9)
-    entry["decode_tokens_per_s"] = runner.tokens / decode_s
+    entry["decode_tokens_per_s"] = decode_rate(runner.generate_s, runner.batches, prefill_s,
+                                               runner.tokens)
     entry["generated_tokens"] = runner.tokens
     results["per_m"][m] = entry
     elapsed = time.perf_counter() - t_start
     eta = elapsed / done * (total - done)
     heads = "  ".join(f"{n} {entry['benchmarks'][n][HEADLINE[n]]:.3f}" for n in benches)
     print(f"[eval] m={m:<4} {heads}  prefill {entry['prefill_ms_per_batch']:.1f} ms/batch  "
-          f"decode {entry['decode_tokens_per_s']:,.0f} tok/s  ({done}/{total} batches, "
+          f"decode {_rate_text(entry['decode_tokens_per_s'])} tok/s  ({done}/{total} batches, "
           f"ETA {eta:.0f}s)", flush=True)
   results["wall_time_s"] = time.perf_counter() - t_start
   write_results(results, out_dir)
@@ -266,9 +267,26 @@ def format_results(results: dict) -> str:
                                                          for m in ms))
   lines.append(f"{'prefill ms/batch':<24}" + "".join(f"{per[m]['prefill_ms_per_batch']:>10.1f}"
                                                      for m in ms))
-  lines.append(f"{'decode tok/s':<24}" + "".join(f"{per[m]['decode_tokens_per_s']:>10,.0f}"
-                                                 for m in ms))
+  rates = [_rate_text(per[m]["decode_tokens_per_s"]) for m in ms]
+  lines.append(f"{'decode tok/s':<24}" + "".join(f"{r:>10}" for r in rates))
   return "\n".join(lines)
+
+
+def decode_rate(generate_s: float, batches: int, prefill_s: float, tokens: int):
+  """Generated tokens per second of generation time after the prefill, or None.
+
+  The decode time is the generation time less `batches` median prefills; when
+  that is under 5% of the generation time (one-word answers: generation is
+  almost all prefill) the difference is timing noise, so no rate is claimed.
+  """
+  decode_s = generate_s - batches * prefill_s
+  if tokens <= 0 or decode_s < 0.05 * generate_s:
+    return None
+  return tokens / decode_s
+
+
+def _rate_text(rate) -> str:
+  return "n/a" if rate is None else f"{rate:,.0f}"
 
 
 def write_results(results: dict, out_dir: str) -> None:

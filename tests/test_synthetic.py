@@ -188,6 +188,27 @@ def test_pixels_show_objects(size):
           assert not any((cell == col).all(-1).any() for col in rgb)
 
 
+def test_shapes_are_outlined_and_the_outline_tells_them_apart():
+  """Each object is ringed by the dark outline colour (none in an empty cell), and the
+  ring alone names the shape: no two shapes of a size share their outline mask."""
+  dark = np.array(S.OUTLINE_RGB)
+  masks = {}
+  for i in range(60):
+    scene = S.make_scene(SEED, "eval", i, image_size=72)
+    a = np.asarray(S.render(scene)).astype(int)
+    for o in scene.objects:
+      cell = a[o.row * 24:(o.row + 1) * 24, o.col * 24:(o.col + 1) * 24]
+      ring = (np.abs(cell - dark).sum(-1) == 0)
+      assert ring.sum() >= 12, (o, ring.sum())
+      masks.setdefault((o.size, o.shape), ring)
+  for size in S.SIZES:
+    got = [masks[(size, sh)] for sh in S.SHAPES if (size, sh) in masks]
+    assert len(got) >= 4
+    for x in range(len(got)):
+      for y in range(x):
+        assert (got[x] != got[y]).sum() >= 4
+
+
 def test_palette_is_distinct_and_named_right():
   rgb = {k: np.array(v, float) for k, v in S.COLOR_RGB.items()}
   assert set(rgb) == set(S.COLORS)
@@ -227,6 +248,23 @@ def test_caption_names_every_object():
       pos = S.POSITION_NAMES[o.row][o.col]
       assert f"a {o.size} {o.color} {o.shape} in the {pos}" in cap
     assert len(re.findall(r"\ba (?:small|large) ", cap)) == len(scene.objects)
+
+
+def test_caption_order_is_drawn_per_caption():
+  """SHUFFLE_CAPTIONS: objects are named in an order drawn per caption (so the
+  object after "a large red" is found by content, not by reading order): over 200
+  captions with 3+ objects, both reading order and other orders occur, and the
+  same sample always gets the same caption."""
+  reading = other = 0
+  for i in range(200):
+    scene = S.make_scene(SEED, "captions", i)
+    if len(scene.objects) < 3:
+      continue
+    cap = S.caption_sample(SEED, "captions", i)["conversations"][1]["value"]
+    assert cap == S.caption_sample(SEED, "captions", i)["conversations"][1]["value"]
+    at = [cap.index(o.describe()) for o in scene.objects]
+    reading, other = (reading + 1, other) if at == sorted(at) else (reading, other + 1)
+  assert reading > 0 and (other > 0) == S.SHUFFLE_CAPTIONS, (reading, other)
 
 
 def test_instruct_answers_true_to_scene():
