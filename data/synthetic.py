@@ -517,8 +517,13 @@ def _scene_for(rng, image_size: int, types, ask_kwargs=None):
   raise RuntimeError(f"no scene supports {types} in {_MAX_TRIES} draws")
 
 
+def _question_text(q: dict, suffix: bool) -> str:
+  """A question as asked: with the short-answer suffix appended when `suffix`."""
+  return q["question"] + (f"\n{SHORT_SUFFIX}" if suffix else "")
+
+
 def _single(rid: str, split: str, index: int, t: str, q: dict, suffix: bool) -> dict:
-  text = q["question"] + (f"\n{SHORT_SUFFIX}" if suffix else "")
+  text = _question_text(q, suffix)
   rec = {"id": rid, "image": _image_path(split, index),
          "conversations": [{"from": "human", "value": "<image>\n" + text},
                            {"from": "gpt", "value": q["answer"]}],
@@ -593,7 +598,7 @@ def _instruct_record(seed, split, index, image_size):
   used, suffixes = 0, []
   for n, (t, q) in enumerate(zip(types, asked)):
     suffix = t in _BARE_ASKED and rng.random() < 0.5
-    text = q["question"] + (f"\n{SHORT_SUFFIX}" if suffix else "")
+    text = _question_text(q, suffix)
     if n and used + len(text) > TURN_CHAR_BUDGET:
       types, asked = types[:n], asked[:n]
       break
