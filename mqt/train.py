@@ -23,6 +23,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from mqt import checkpoint as ckpt_lib
 from mqt import convert
@@ -89,6 +90,24 @@ def builtin_dir(config, workdir: str) -> str:
   return config.data.data_dir or os.path.join(workdir, "data")
 
 
+def prepare_builtin(config, workdir: str) -> str:
+  """Prepares the built-in set under `builtin_dir` unless it is there; -> its root.
+
+  With several processes (a pod), process 0 prepares first and the others wait
+  at a barrier: preparing one shared data_dir from every process at once races
+  on tfds' final rename. After the barrier the others find it ready (a shared
+  disk) or prepare their own copy (a host-local disk)."""
+  from data import prepare  # pylint: disable=import-outside-toplevel
+  prep = lambda: prepare.ensure_builtin(
+      builtin_dir(config, workdir), seed=config.data.builtin_seed,
+      image_size=config.data.builtin_image_size, sizes=dict(config.data.builtin_sizes))
+  if jax.process_count() == 1:
+    return prep()
+  root = prep() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("mqt: built-in data prepared")
+  return root or prep()
+
+
 def open_source(config, data_cfg, workdir: str):
   """A data block (stage or eval) -> a record source (data/sources.py).
 
@@ -96,11 +115,7 @@ def open_source(config, data_cfg, workdir: str):
   from data import sources  # pylint: disable=import-outside-toplevel
   split = data_cfg.split
   if data_cfg.kind == "builtin":
-    from data import prepare  # pylint: disable=import-outside-toplevel
-    root = prepare.ensure_builtin(builtin_dir(config, workdir), seed=config.data.builtin_seed,
-                                  image_size=config.data.builtin_image_size,
-                                  sizes=dict(config.data.builtin_sizes))
-    return sources.TfdsSource(root, split)
+    return sources.TfdsSource(prepare_builtin(config, workdir), split)
   if data_cfg.kind == "tfds":
     return sources.TfdsSource(data_cfg.dataset_dir, split)
   if data_cfg.kind == "json":

@@ -81,3 +81,23 @@ def test_summary_and_progress(tmp_path, capsys):
   assert all(0 < c <= 1 for c in summary["eval"]["chance"].values())
   assert os.path.exists(tmp_path / "run" / "summary.json")
   assert os.listdir(tmp_path / "run" / "stage1" / "tensorboard" / "stage1")
+
+
+@pytest.mark.parametrize("processes,index,order", [
+    (1, 0, ["prepare"]),
+    (2, 0, ["prepare", "barrier"]),  # Process 0 prepares, then releases the others ...
+    (2, 1, ["barrier", "prepare"]),  # ... who only look once it is done.
+])
+def test_builtin_data_is_prepared_by_process_0_before_the_others_look(
+    tmp_path, monkeypatch, processes, index, order):
+  from data import prepare  # pylint: disable=import-outside-toplevel
+  events = []
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(train.multihost_utils, "sync_global_devices",
+                      lambda name: events.append("barrier"))
+  monkeypatch.setattr(prepare, "ensure_builtin",
+                      lambda data_dir, **kw: events.append("prepare") or data_dir + "/root")
+  config = _tiny(tmp_path, tmp_path / "data")
+  assert train.prepare_builtin(config, str(tmp_path)) == str(tmp_path / "data") + "/root"
+  assert events == order
