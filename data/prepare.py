@@ -8,6 +8,7 @@ r"""Prepare datasets as TFDS ArrayRecord folders (no TensorFlow needed).
 
 It prints the folder to pass as `--config.stage2.data.dataset_dir` (kind tfds).
 """
+import fcntl
 import json
 import os
 
@@ -41,7 +42,19 @@ def check_settings(stamp: str, wanted: dict, root: str, what: str) -> None:
 
 
 def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=None) -> str:
-  """Prepares the built-in synthetic set (and tokenizer) unless already there."""
+  """Prepares the built-in synthetic set (and tokenizer) unless already there.
+
+  Holds an exclusive file lock in data_dir while it looks and prepares, so
+  concurrent callers (processes sharing a host's disk, two runs or this CLI
+  beside a run on one data_dir) take turns: two preparations of one data_dir
+  at once race on tfds' final rename."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    return _ensure_builtin(data_dir, seed, image_size, sizes)
+
+
+def _ensure_builtin(data_dir: str, seed: int, image_size: int, sizes) -> str:
   from data import synthetic  # pylint: disable=import-outside-toplevel
   from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   sizes = dict(sizes or {"captions": 4000, "instruct": 12000, "eval": 600})

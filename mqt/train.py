@@ -11,7 +11,6 @@ the step's m values `ms` [K] as data, so it compiles once for every m.
 Only the trainable parameters (optimizer rules) are differentiated.
 """
 import dataclasses
-import fcntl
 import functools
 import math
 import os
@@ -94,23 +93,14 @@ def builtin_dir(config, workdir: str) -> str:
 def prepare_builtin(config, workdir: str) -> str:
   """Prepares the built-in set under `builtin_dir` unless it is there; -> its root.
 
-  Preparing one data_dir from several processes at once races on tfds' final
-  rename, so: with several processes (a pod), process 0 prepares first and the
-  others wait at a barrier, then find it ready (a shared disk) or prepare their
-  own copy (a host-local disk); and every preparation holds an exclusive file
-  lock in data_dir, so processes sharing a host-local disk (or two runs sharing
-  a data_dir) take turns."""
+  With several processes (a pod), process 0 prepares first and the others wait
+  at a barrier, then find it ready (a shared disk) or prepare their own copy (a
+  host-local disk; `ensure_builtin`'s file lock makes processes on one host take
+  turns). The barrier is for shared network disks, where file locks may not hold."""
   from data import prepare  # pylint: disable=import-outside-toplevel
-  data_dir = builtin_dir(config, workdir)
-
-  def prep():
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
-      return prepare.ensure_builtin(
-          data_dir, seed=config.data.builtin_seed, image_size=config.data.builtin_image_size,
-          sizes=dict(config.data.builtin_sizes))
-
+  prep = lambda: prepare.ensure_builtin(
+      builtin_dir(config, workdir), seed=config.data.builtin_seed,
+      image_size=config.data.builtin_image_size, sizes=dict(config.data.builtin_sizes))
   if jax.process_count() == 1:
     return prep()
   root = prep() if jax.process_index() == 0 else None

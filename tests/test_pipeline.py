@@ -241,3 +241,27 @@ def test_builtin_set_from_another_generator_version_is_refused(tmp_path):
                      rf".*'version': {synthetic.DATA_VERSION - 1}.*'version': "
                      rf"{synthetic.DATA_VERSION}"):
     prepare.ensure_builtin(str(tmp_path), seed=0, image_size=72, sizes=sizes)
+
+
+def test_concurrent_preparations_of_one_data_dir_take_turns(tmp_path, monkeypatch):
+  """ensure_builtin holds a file lock in data_dir: four threads preparing at once
+  run their preparations one after another, never two at a time."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  inside, seen = [0], []
+
+  def fake_prepare(data_dir, *args):
+    inside[0] += 1
+    seen.append(inside[0])
+    time.sleep(0.05)  # Long enough for the other threads to arrive.
+    inside[0] -= 1
+    return data_dir
+
+  monkeypatch.setattr(prepare, "_ensure_builtin", fake_prepare)
+  threads = [threading.Thread(target=prepare.ensure_builtin, args=(str(tmp_path / "data"),))
+             for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert seen == [1, 1, 1, 1]

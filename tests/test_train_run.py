@@ -102,26 +102,3 @@ def test_builtin_data_is_prepared_by_process_0_before_the_others_look(
   assert train.prepare_builtin(config, str(tmp_path)) == str(tmp_path / "data") + "/root"
   assert events == order
 
-
-def test_concurrent_preparations_of_one_data_dir_take_turns(tmp_path, monkeypatch):
-  import threading  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  from data import prepare  # pylint: disable=import-outside-toplevel
-  inside, seen = [0], []
-
-  def fake_prepare(data_dir, **kw):
-    inside[0] += 1
-    seen.append(inside[0])
-    time.sleep(0.05)  # Long enough for the other threads to arrive.
-    inside[0] -= 1
-    return data_dir
-
-  monkeypatch.setattr(prepare, "ensure_builtin", fake_prepare)
-  config = _tiny(tmp_path, tmp_path / "data")
-  threads = [threading.Thread(target=train.prepare_builtin, args=(config, str(tmp_path)))
-             for _ in range(4)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert seen == [1, 1, 1, 1]  # Four preparations, never two at once.
