@@ -1,0 +1,209 @@
+r"""Stage 2 with perfect vision: how fast the tiny LLM alone learns each question type.
+
+  python -m bench.oracle_slots                       # the default's LLM, 800 steps
+  python -m bench.oracle_slots --steps=3000 --eval_every=500
+
+The image is replaced by 9 "oracle" slot embeddings, one per grid cell in
+reading order, each the sum of learned embeddings of the cell and of the
+shape, colour and size of the object there (or "empty"). The LLM (configs/tiny.py's
+shape, from scratch) then trains on the built-in instruct conversations exactly
+as stage 2 does (vicuna_v1 template, loss on the answers, AdamW with the stage-2
+optimizer settings) and is scored on the held-out questions (teacher-forced,
+whole answer right), per question type and subtype. Whatever this LLM cannot
+learn here, it cannot learn from the query transformer's latents either: it
+separates what the language model can learn in a budget from what the vision
+side gives it. No images are rendered; the tokenizer is the built-in one
+(trained on first use into --workdir).
+"""
+import collections
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+
+from configs import tiny
+from data import prepare
+from data import synthetic
+from data import templates
+from data import tokenizer as tokenizer_lib
+from mqt import optim
+from mqt.decoder import LlamaDecoder
+from mqt.model import ModelConfig
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
+_STEPS = flags.DEFINE_integer("steps", 800, "Training steps (the default's stage 2: 800).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Conversations per step.")
+_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (warmup, then cosine to 0).")
+_DEPTH = flags.DEFINE_integer("depth", 0, "LLM layers (0: configs/tiny.py's).")
+_N_TRAIN = flags.DEFINE_integer("n_train", 0, "Instruct conversations to draw from "
+                                 "(0: as many as the built-in set has).")
+_SYSTEM = flags.DEFINE_bool("system_prompt", True, "Keep vicuna_v1's system prompt.")
+_TYPES = flags.DEFINE_list("types", [], "Train only on conversations that open with these "
+                           "question types (default: all).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Score the held-out split every N steps.")
+_SEED = flags.DEFINE_integer("init_seed", 0, "Initialization and batch order.")
+
+CELLS = synthetic.GRID * synthetic.GRID
+IGNORE = -100
+
+
+def slot_features(scene) -> np.ndarray:
+  """[9, 4] int32: per cell (reading order) its index and 1 + shape, colour, size (0: empty)."""
+  f = np.zeros((CELLS, 4), np.int32)
+  f[:, 0] = np.arange(CELLS)
+  for o in scene.objects:
+    f[o.row * synthetic.GRID + o.col, 1:] = (1 + synthetic.SHAPES.index(o.shape),
+                                              1 + synthetic.COLORS.index(o.color),
+                                              1 + synthetic.SIZES.index(o.size))
+  return f
+
+
+def _system_length(tok, ids) -> int:
+  """How many tokens after BOS spell vicuna_v1's system prompt (the same in every sample:
+  no piece crosses the space before "USER:")."""
+  for k in range(1, len(ids)):
+    if tok.decode(ids[1:1 + k]).strip() == templates.SYSTEM:
+      return k
+  raise ValueError(f"no system prompt at the start of {tok.decode(ids[:80])!r}")
+
+
+def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True):
+  """-> (ids [N, L], labels [N, L], slots [N, L, 4] (-1: a text position), names [N]).
+
+  The image placeholder becomes 9 slot positions (ids 0, no loss)."""
+  rows, cut = [], None
+  for i in range(n):
+    rec, scene = synthetic.sample(seed, split, i)
+    first = rec["types"][0] if rec["type"] == "multi" else rec["type"]
+    if types and first not in types:
+      continue
+    ids, labels = templates.encode_conversation(rec["conversations"], tok, "vicuna_v1",
+                                                scene is not None, rec["id"])
+    slots = np.full((len(ids) + CELLS, 4), -1, np.int32)
+    if scene is not None:
+      k = ids.index(templates.IMAGE_TOKEN_ID)
+      ids = ids[:k] + [0] * CELLS + ids[k + 1:]
+      labels = labels[:k] + [IGNORE] * CELLS + labels[k + 1:]
+      slots[k:k + CELLS] = slot_features(scene)
+    slots = slots[:len(ids)]
+    if not system_prompt:  # Keep BOS, then from "USER:" on.
+      cut = cut or _system_length(tok, ids)
+      if tok.decode(ids[1:1 + cut]).strip() != templates.SYSTEM:
+        raise ValueError(f"sample {rec['id']}: the system prompt is not its first {cut} tokens")
+      ids, labels = ids[:1] + ids[1 + cut:], labels[:1] + labels[1 + cut:]
+      slots = np.concatenate([slots[:1], slots[1 + cut:]])
+    name = rec["type"]
+    if rec["type"] in ("choice", "colour", "short"):
+      name += "/" + rec["subtype"]
+    rows.append((ids, labels, slots, name))
+  length = -(-max(len(r[0]) for r in rows) // 16) * 16
+  ids = np.zeros((len(rows), length), np.int32)
+  labels = np.full((len(rows), length), IGNORE, np.int32)
+  slots = np.full((len(rows), length, 4), -1, np.int32)
+  for r, (a, b, c, _) in enumerate(rows):
+    ids[r, :len(a)], labels[r, :len(b)], slots[r, :len(c)] = a, b, c
+  return ids, labels, slots, [r[3] for r in rows]
+
+
+def main(argv):
+  del argv
+  config = tiny.get_config()
+  llm_cfg = ModelConfig.from_config(config.model).llm
+  if _DEPTH.value:
+    llm_cfg = llm_cfg.__class__(**{**llm_cfg.__dict__, "depth": _DEPTH.value})
+  tok_path = os.path.join(_WORKDIR.value, "tokenizer.model")
+  if not os.path.exists(tok_path):  # The built-in tokenizer (same corpus, same options).
+    tokenizer_lib.train_tokenizer(synthetic.corpus_text(config.data.builtin_seed, 4000),
+                                  tok_path, vocab_size=prepare.BUILTIN_VOCAB)
+  tok = tokenizer_lib.Tokenizer.load(tok_path)
+  seed, sizes = config.data.builtin_seed, config.data.builtin_sizes
+  train = encode(tok, seed, "instruct", _N_TRAIN.value or sizes.instruct, _TYPES.value,
+                 _SYSTEM.value)
+  held = encode(tok, seed, "eval", sizes.eval, (), _SYSTEM.value)
+  print(f"train {train[0].shape[0]} conversations, held-out {held[0].shape[0]} questions, "
+        f"length {train[0].shape[1]}", flush=True)
+
+  model = LlamaDecoder(llm_cfg)
+  key = jax.random.key(_SEED.value)
+  width = llm_cfg.width
+  params = {
+      "llm": model.init(key, jnp.zeros((1, 8, width)), jnp.zeros((1, 8), jnp.int32),
+                        jnp.ones((1, 8, 8), bool))["params"],
+      "slots": [0.02 * jax.random.normal(jax.random.fold_in(key, j), (n, width))
+                for j, n in enumerate((CELLS, len(synthetic.SHAPES) + 1,
+                                       len(synthetic.COLORS) + 1, len(synthetic.SIZES) + 1))],
+  }
+
+  def logits_fn(p, ids, slots):
+    is_slot = slots[..., 0] >= 0
+    valid = (ids > 0) | is_slot
+    s = ids.shape[1]
+    mask = jnp.tril(jnp.ones((s, s), bool))[None] & (valid[:, None, :]
+                                                     | jnp.eye(s, dtype=bool)[None])
+    emb = model.apply({"params": p["llm"]}, ids, method=LlamaDecoder.embed)
+    slot_emb = sum(jnp.take(table, jnp.maximum(slots[..., j], 0), axis=0)
+                   for j, table in enumerate(p["slots"]))
+    emb = jnp.where(is_slot[..., None], slot_emb, emb)
+    positions = jnp.broadcast_to(jnp.arange(s), ids.shape)
+    return model.apply({"params": p["llm"]}, emb, positions, mask)[0][:, :-1]
+
+  def loss_fn(p, ids, labels, slots):
+    target, keep = labels[:, 1:], labels[:, 1:] != IGNORE
+    logp = jax.nn.log_softmax(logits_fn(p, ids, slots))
+    nll = -jnp.take_along_axis(logp, jnp.maximum(target, 0)[..., None], -1)[..., 0]
+    return jnp.sum(nll * keep) / jnp.maximum(keep.sum(), 1)
+
+  o = config.stage2.optim
+  tx = optax.adamw(optim.schedule(_LR.value, _STEPS.value, o.warmup), b1=o.b1, b2=o.b2,
+                   eps=o.eps, weight_decay=o.weight_decay)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, ids, labels, slots):
+    loss, grads = jax.value_and_grad(loss_fn)(p, ids, labels, slots)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  predict = jax.jit(lambda p, ids, slots: jnp.argmax(logits_fn(p, ids, slots), -1))
+
+  def score(p):
+    right = collections.defaultdict(list)
+    ids, labels, slots, names = held
+    for i in range(0, len(ids), 100):
+      pred = np.asarray(predict(p, ids[i:i + 100], slots[i:i + 100]))
+      target = labels[i:i + 100, 1:]
+      for r in range(len(pred)):
+        keep = target[r] != IGNORE
+        right[names[i + r]].append(bool((pred[r][keep] == target[r][keep]).all()))
+        right[names[i + r].split("/")[0]].append(right[names[i + r]][-1])
+    return {k: round(float(np.mean(v)), 3) for k, v in sorted(right.items())}
+
+  rng = np.random.default_rng(_SEED.value)
+  history, losses, start = [], [], time.time()
+  for i in range(1, _STEPS.value + 1):
+    idx = rng.integers(len(train[0]), size=_BATCH.value)
+    params, opt_state, loss = step(params, opt_state, *(a[idx] for a in train[:3]))
+    losses.append(float(loss))
+    if i % _EVAL_EVERY.value == 0 or i == _STEPS.value:
+      acc = score(params)
+      history.append({"step": i, "loss": float(np.mean(losses[-_EVAL_EVERY.value:])), **acc})
+      elapsed = time.time() - start
+      types = "  ".join(f"{t} {acc[t]:.2f}" for t in synthetic.IMAGE_TYPES if t in acc)
+      print(f"step {i}/{_STEPS.value}  loss {history[-1]['loss']:.3f}  {types}  "
+            f"({elapsed:.0f} s, ETA {elapsed / i * (_STEPS.value - i):.0f} s)", flush=True)
+  out = os.path.join(_WORKDIR.value, "oracle_slots.json")
+  with open(out, "w") as f:
+    json.dump({"flags": {k: getattr(flags.FLAGS, k) for k in (
+        "steps", "batch_size", "lr", "depth", "n_train", "system_prompt", "types", "init_seed")},
+               "history": history}, f, indent=1)
+  print("per subtype at the end:", json.dumps(history[-1]), f"\nwritten {out}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,31 @@
+"""bench/oracle_slots.py: the image placeholder becomes the scene's 9 cells, answers intact."""
+import numpy as np
+
+from bench import oracle_slots
+from data import synthetic as S
+from data import tokenizer as tokenizer_lib
+
+
+def test_slots_hold_each_cell_and_the_answers_stay_labelled(tmp_path):
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_lib.train_tokenizer(
+      S.corpus_text(0, 200), str(tmp_path / "tok.model"), vocab_size=512))
+  n = 12
+  for system_prompt in (True, False):
+    ids, labels, slots, names = oracle_slots.encode(tok, 0, "eval", n, (), system_prompt)
+    assert ids.shape == labels.shape == slots.shape[:2] and len(names) == n
+    for r in range(n):
+      rec, scene = S.sample(0, "eval", r)
+      assert names[r].split("/")[0] == rec["type"]
+      where = np.flatnonzero(slots[r, :, 0] >= 0)
+      assert len(where) == oracle_slots.CELLS and np.all(np.diff(where) == 1)
+      cells = slots[r, where]
+      assert list(cells[:, 0]) == list(range(9))
+      for o in scene.objects:
+        assert tuple(cells[o.row * 3 + o.col, 1:]) == (
+            1 + S.SHAPES.index(o.shape), 1 + S.COLORS.index(o.color), 1 + S.SIZES.index(o.size))
+      assert (cells[:, 1] > 0).sum() == len(scene.objects)
+      assert np.all(ids[r, where] == 0) and np.all(labels[r, where] == oracle_slots.IGNORE)
+      answer = [t for t in labels[r] if t != oracle_slots.IGNORE]
+      assert tok.decode(answer).strip() == rec["answer"]
+      text = tok.decode([t for t in ids[r] if t > 0])
+      assert (S.VICUNA_SYSTEM in text) == system_prompt and "USER:" in text
