@@ -16,6 +16,7 @@ side gives it. No images are rendered; the tokenizer is the built-in one
 (trained on first use into --workdir).
 """
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -116,7 +117,7 @@ def main(argv):
   config = tiny.get_config()
   llm_cfg = ModelConfig.from_config(config.model).llm
   if _DEPTH.value:
-    llm_cfg = llm_cfg.__class__(**{**llm_cfg.__dict__, "depth": _DEPTH.value})
+    llm_cfg = dataclasses.replace(llm_cfg, depth=_DEPTH.value)
   tok_path = os.path.join(_WORKDIR.value, "tokenizer.model")
   if not os.path.exists(tok_path):  # The built-in tokenizer (same corpus, same options).
     tokenizer_lib.train_tokenizer(synthetic.corpus_text(config.data.builtin_seed, 4000),
