@@ -14,6 +14,12 @@ learn here, it cannot learn from the query transformer's latents either: it
 separates what the language model can learn in a budget from what the vision
 side gives it. No images are rendered; the tokenizer is the built-in one
 (trained on first use into --workdir).
+
+  python -m bench.oracle_slots --latents_from=/tmp/mqt_tiny/stage1/checkpoints
+
+puts a trained model's M latents (m = M, frozen, through a trainable linear map
+that starts as the identity) where the oracle slots were: the same LLM, data and
+steps, so the two runs side by side say what the latents cost.
 """
 import collections
 import dataclasses
@@ -25,17 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from absl import app
 from absl import flags
 
 from configs import tiny
+from data import images as images_lib
 from data import prepare
 from data import synthetic
 from data import templates
 from data import tokenizer as tokenizer_lib
 from mqt import optim
+from mqt import sharding
+from mqt import train as train_lib
 from mqt.decoder import LlamaDecoder
-from mqt.model import ModelConfig
+from mqt.model import ModelConfig, MQTLLaVA
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Training steps (the default's stage 2: 800).")
@@ -48,6 +58,8 @@ _SYSTEM = flags.DEFINE_bool("system_prompt", True, "Keep vicuna_v1's system prom
 _TYPES = flags.DEFINE_list("types", [], "Train only on conversations that open with these "
                            "question types (default: all).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Score the held-out split every N steps.")
+_LATENTS = flags.DEFINE_string("latents_from", "", "A configs/tiny.py checkpoint directory: "
+                               "its latents replace the oracle slots.")
 _SEED = flags.DEFINE_integer("init_seed", 0, "Initialization and batch order.")
 
 CELLS = synthetic.GRID * synthetic.GRID
@@ -74,10 +86,14 @@ def _system_length(tok, ids) -> int:
   raise ValueError(f"no system prompt at the start of {tok.decode(ids[:80])!r}")
 
 
-def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True):
+def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True,
+           latent_slots: int = 0):
   """-> (ids [N, L], labels [N, L], slots [N, L, 4] (-1: a text position), names [N]).
 
-  The image placeholder becomes 9 slot positions (ids 0, no loss)."""
+  The image placeholder becomes 9 slot positions (ids 0, no loss), each holding
+  `slot_features`; with `latent_slots` = M instead M positions holding (latent
+  index, sample index, 0, 0)."""
+  n_slots = latent_slots or CELLS
   rows, cut = [], None
   for i in range(n):
     rec, scene = synthetic.sample(seed, split, i)
@@ -86,12 +102,15 @@ def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True):
       continue
     ids, labels = templates.encode_conversation(rec["conversations"], tok, "vicuna_v1",
                                                 scene is not None, rec["id"])
-    slots = np.full((len(ids) + CELLS, 4), -1, np.int32)
+    slots = np.full((len(ids) + n_slots, 4), -1, np.int32)
     if scene is not None:
       k = ids.index(templates.IMAGE_TOKEN_ID)
-      ids = ids[:k] + [0] * CELLS + ids[k + 1:]
-      labels = labels[:k] + [IGNORE] * CELLS + labels[k + 1:]
-      slots[k:k + CELLS] = slot_features(scene)
+      ids = ids[:k] + [0] * n_slots + ids[k + 1:]
+      labels = labels[:k] + [IGNORE] * n_slots + labels[k + 1:]
+      if latent_slots:
+        slots[k:k + n_slots, 0], slots[k:k + n_slots, 1:] = np.arange(n_slots), (i, 0, 0)
+      else:
+        slots[k:k + n_slots] = slot_features(scene)
     slots = slots[:len(ids)]
     if not system_prompt:  # Keep BOS, then from "USER:" on.
       cut = cut or _system_length(tok, ids)
@@ -112,6 +131,31 @@ def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True):
   return ids, labels, slots, [r[3] for r in rows]
 
 
+def model_latents(checkpoint: str, config, seed: int, wanted) -> list[np.ndarray]:
+  """Per (split, n) in `wanted`, [n, M, D] float32: the M latents (as the LLM gets them)
+  of samples 0..n-1 of the split, from a configs/tiny.py checkpoint; zeros for
+  text-only samples."""
+  cfg = ModelConfig.from_config(config.model)
+  size, m = cfg.vision.image_size, cfg.query.num_queries
+  mesh = sharding.make_mesh(config.sharding.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
+    params = train_lib.load_params(checkpoint, cfg, mesh, config)
+    embed = jax.jit(lambda p, x: MQTLLaVA(cfg).apply({"params": p}, x, m,
+                                                     method=MQTLLaVA.embed_image)[0])
+    result = []
+    for split, n in wanted:
+      out = np.zeros((n, m, cfg.llm.width), np.float32)
+      for start in range(0, n, 250):
+        scenes = [synthetic.make_scene(seed, split, i, size)
+                  for i in range(start, min(n, start + 250))]
+        pixels = np.stack([np.zeros((size, size, 3), np.float32) if sc is None else
+                           images_lib.preprocess(synthetic.render(sc), size, "pad")
+                           for sc in scenes])
+        out[start:start + len(scenes)] = np.asarray(embed(params, jnp.asarray(pixels)))
+      result.append(out)
+  return result
+
+
 def main(argv):
   del argv
   config = tiny.get_config()
@@ -124,9 +168,15 @@ def main(argv):
                                   tok_path, vocab_size=prepare.BUILTIN_VOCAB)
   tok = tokenizer_lib.Tokenizer.load(tok_path)
   seed, sizes = config.data.builtin_seed, config.data.builtin_sizes
-  train = encode(tok, seed, "instruct", _N_TRAIN.value or sizes.instruct, _TYPES.value,
-                 _SYSTEM.value)
-  held = encode(tok, seed, "eval", sizes.eval, (), _SYSTEM.value)
+  n_train = _N_TRAIN.value or sizes.instruct
+  m = config.model.query.num_queries if _LATENTS.value else 0
+  train = encode(tok, seed, "instruct", n_train, _TYPES.value, _SYSTEM.value, m)
+  held = encode(tok, seed, "eval", sizes.eval, (), _SYSTEM.value, m)
+  if _LATENTS.value:  # Per split: [samples, M, D], indexed by the slots' sample column.
+    latents = model_latents(_LATENTS.value, config, seed,
+                            (("instruct", n_train), ("eval", sizes.eval)))
+  else:
+    latents = [np.zeros((1, 1, llm_cfg.width), np.float32)] * 2
   print(f"train {train[0].shape[0]} conversations, held-out {held[0].shape[0]} questions, "
         f"length {train[0].shape[1]}", flush=True)
 
@@ -139,24 +189,28 @@ def main(argv):
       "slots": [0.02 * jax.random.normal(jax.random.fold_in(key, j), (n, width))
                 for j, n in enumerate((CELLS, len(synthetic.SHAPES) + 1,
                                        len(synthetic.COLORS) + 1, len(synthetic.SIZES) + 1))],
+      "adapter": jnp.eye(width),  # Latent mode: a linear map on the frozen latents.
   }
 
-  def logits_fn(p, ids, slots):
+  def logits_fn(p, ids, slots, lat):
     is_slot = slots[..., 0] >= 0
     valid = (ids > 0) | is_slot
     s = ids.shape[1]
     mask = jnp.tril(jnp.ones((s, s), bool))[None] & (valid[:, None, :]
                                                      | jnp.eye(s, dtype=bool)[None])
     emb = model.apply({"params": p["llm"]}, ids, method=LlamaDecoder.embed)
-    slot_emb = sum(jnp.take(table, jnp.maximum(slots[..., j], 0), axis=0)
-                   for j, table in enumerate(p["slots"]))
+    if _LATENTS.value:  # lat [B, M, D]: each slot position takes latent slots[..., 0].
+      slot_emb = jnp.take_along_axis(lat, jnp.maximum(slots[..., :1], 0), axis=1) @ p["adapter"]
+    else:
+      slot_emb = sum(jnp.take(table, jnp.maximum(slots[..., j], 0), axis=0)
+                     for j, table in enumerate(p["slots"]))
     emb = jnp.where(is_slot[..., None], slot_emb, emb)
     positions = jnp.broadcast_to(jnp.arange(s), ids.shape)
     return model.apply({"params": p["llm"]}, emb, positions, mask)[0][:, :-1]
 
-  def loss_fn(p, ids, labels, slots):
+  def loss_fn(p, ids, labels, slots, lat):
     target, keep = labels[:, 1:], labels[:, 1:] != IGNORE
-    logp = jax.nn.log_softmax(logits_fn(p, ids, slots))
+    logp = jax.nn.log_softmax(logits_fn(p, ids, slots, lat))
     nll = -jnp.take_along_axis(logp, jnp.maximum(target, 0)[..., None], -1)[..., 0]
     return jnp.sum(nll * keep) / jnp.maximum(keep.sum(), 1)
 
@@ -166,18 +220,24 @@ def main(argv):
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(p, s, ids, labels, slots):
-    loss, grads = jax.value_and_grad(loss_fn)(p, ids, labels, slots)
+  def step(p, s, ids, labels, slots, lat):
+    loss, grads = jax.value_and_grad(loss_fn)(p, ids, labels, slots, lat)
     updates, s = tx.update(grads, s, p)
     return optax.apply_updates(p, updates), s, loss
 
-  predict = jax.jit(lambda p, ids, slots: jnp.argmax(logits_fn(p, ids, slots), -1))
+  predict = jax.jit(lambda p, ids, slots, lat: jnp.argmax(logits_fn(p, ids, slots, lat), -1))
+
+  def batch_latents(which, slots):
+    """The latents of each row's sample (its slots' sample column), or the dummy."""
+    table = latents[which]
+    return table[np.maximum(slots[:, :, 1].max(1), 0)] if _LATENTS.value else table
 
   def score(p):
     right = collections.defaultdict(list)
     ids, labels, slots, names = held
     for i in range(0, len(ids), 100):
-      pred = np.asarray(predict(p, ids[i:i + 100], slots[i:i + 100]))
+      pred = np.asarray(predict(p, ids[i:i + 100], slots[i:i + 100],
+                                batch_latents(1, slots[i:i + 100])))
       target = labels[i:i + 100, 1:]
       for r in range(len(pred)):
         keep = target[r] != IGNORE
@@ -189,7 +249,8 @@ def main(argv):
   history, losses, start = [], [], time.time()
   for i in range(1, _STEPS.value + 1):
     idx = rng.integers(len(train[0]), size=_BATCH.value)
-    params, opt_state, loss = step(params, opt_state, *(a[idx] for a in train[:3]))
+    params, opt_state, loss = step(params, opt_state, *(a[idx] for a in train[:3]),
+                                   batch_latents(0, train[2][idx]))
     losses.append(float(loss))
     if i % _EVAL_EVERY.value == 0 or i == _STEPS.value:
       acc = score(params)
@@ -201,7 +262,8 @@ def main(argv):
   out = os.path.join(_WORKDIR.value, "oracle_slots.json")
   with open(out, "w") as f:
     json.dump({"flags": {k: getattr(flags.FLAGS, k) for k in (
-        "steps", "batch_size", "lr", "depth", "n_train", "system_prompt", "types", "init_seed")},
+        "steps", "batch_size", "lr", "depth", "n_train", "system_prompt", "types", "init_seed",
+        "latents_from")},
                "history": history}, f, indent=1)
   print("per subtype at the end:", json.dumps(history[-1]), f"\nwritten {out}", flush=True)
 

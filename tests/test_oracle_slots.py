@@ -29,3 +29,14 @@ def test_slots_hold_each_cell_and_the_answers_stay_labelled(tmp_path):
       assert tok.decode(answer).strip() == rec["answer"]
       text = tok.decode([t for t in ids[r] if t > 0])
       assert (S.VICUNA_SYSTEM in text) == system_prompt and "USER:" in text
+
+
+def test_latent_mode_points_each_slot_at_its_latent_and_sample(tmp_path):
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_lib.train_tokenizer(
+      S.corpus_text(0, 200), str(tmp_path / "tok.model"), vocab_size=512))
+  ids, labels, slots, _ = oracle_slots.encode(tok, 0, "eval", 6, (), True, latent_slots=16)
+  for r in range(6):
+    where = np.flatnonzero(slots[r, :, 0] >= 0)
+    assert len(where) == 16 and np.all(np.diff(where) == 1)
+    assert list(slots[r, where, 0]) == list(range(16)) and np.all(slots[r, where, 1] == r)
+    assert np.all(labels[r, where] == oracle_slots.IGNORE)
