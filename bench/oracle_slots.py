@@ -45,7 +45,7 @@ from mqt import optim
 from mqt import sharding
 from mqt import train as train_lib
 from mqt.decoder import LlamaDecoder
-from mqt.model import ModelConfig, MQTLLaVA
+from mqt.model import IGNORE, ModelConfig, MQTLLaVA, attention_mask
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Training steps (the default's stage 2: 800).")
@@ -63,7 +63,6 @@ _LATENTS = flags.DEFINE_string("latents_from", "", "A configs/tiny.py checkpoint
 _SEED = flags.DEFINE_integer("init_seed", 0, "Initialization and batch order.")
 
 CELLS = synthetic.GRID * synthetic.GRID
-IGNORE = -100
 
 
 def slot_features(scene) -> np.ndarray:
@@ -162,11 +161,8 @@ def main(argv):
   llm_cfg = ModelConfig.from_config(config.model).llm
   if _DEPTH.value:
     llm_cfg = dataclasses.replace(llm_cfg, depth=_DEPTH.value)
-  tok_path = os.path.join(_WORKDIR.value, "tokenizer.model")
-  if not os.path.exists(tok_path):  # The built-in tokenizer (same corpus, same options).
-    tokenizer_lib.train_tokenizer(synthetic.corpus_text(config.data.builtin_seed, 4000),
-                                  tok_path, vocab_size=prepare.BUILTIN_VOCAB)
-  tok = tokenizer_lib.Tokenizer.load(tok_path)
+  tok = tokenizer_lib.Tokenizer.load(
+      prepare.ensure_builtin_tokenizer(_WORKDIR.value, config.data.builtin_seed))
   seed, sizes = config.data.builtin_seed, config.data.builtin_sizes
   n_train = _N_TRAIN.value or sizes.instruct
   m = config.model.query.num_queries if _LATENTS.value else 0
@@ -194,10 +190,7 @@ def main(argv):
 
   def logits_fn(p, ids, slots, lat):
     is_slot = slots[..., 0] >= 0
-    valid = (ids > 0) | is_slot
-    s = ids.shape[1]
-    mask = jnp.tril(jnp.ones((s, s), bool))[None] & (valid[:, None, :]
-                                                     | jnp.eye(s, dtype=bool)[None])
+    mask = attention_mask((ids > 0) | is_slot)
     emb = model.apply({"params": p["llm"]}, ids, method=LlamaDecoder.embed)
     if _LATENTS.value:  # lat [B, M, D]: each slot position takes latent slots[..., 0].
       slot_emb = jnp.take_along_axis(lat, jnp.maximum(slots[..., :1], 0), axis=1) @ p["adapter"]
@@ -205,7 +198,7 @@ def main(argv):
       slot_emb = sum(jnp.take(table, jnp.maximum(slots[..., j], 0), axis=0)
                      for j, table in enumerate(p["slots"]))
     emb = jnp.where(is_slot[..., None], slot_emb, emb)
-    positions = jnp.broadcast_to(jnp.arange(s), ids.shape)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     return model.apply({"params": p["llm"]}, emb, positions, mask)[0][:, :-1]
 
   def loss_fn(p, ids, labels, slots, lat):

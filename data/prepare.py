@@ -54,9 +54,21 @@ def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=Non
     return _ensure_builtin(data_dir, seed, image_size, sizes)
 
 
-def _ensure_builtin(data_dir: str, seed: int, image_size: int, sizes) -> str:
+def ensure_builtin_tokenizer(data_dir: str, seed: int = 0) -> str:
+  """Trains the built-in set's tokenizer into data_dir unless it is there; -> its path."""
   from data import synthetic  # pylint: disable=import-outside-toplevel
   from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  tok_path = builtin_tokenizer_path(data_dir)
+  if not os.path.exists(tok_path):
+    print(f"training the built-in tokenizer -> {tok_path}", flush=True)
+    os.makedirs(os.path.dirname(tok_path), exist_ok=True)
+    tokenizer_lib.train_tokenizer(synthetic.corpus_text(seed, 4000), tok_path,
+                                  vocab_size=BUILTIN_VOCAB)
+  return tok_path
+
+
+def _ensure_builtin(data_dir: str, seed: int, image_size: int, sizes) -> str:
+  from data import synthetic  # pylint: disable=import-outside-toplevel
   sizes = dict(sizes or {"captions": 4000, "instruct": 12000, "eval": 600})
   root = builtin_root(data_dir)
   wanted = {"seed": seed, "image_size": image_size, "sizes": sizes,
@@ -66,12 +78,7 @@ def _ensure_builtin(data_dir: str, seed: int, image_size: int, sizes) -> str:
     check_settings(stamp, wanted, root, "the built-in set")
     return root
   os.makedirs(data_dir, exist_ok=True)
-  tok_path = builtin_tokenizer_path(data_dir)
-  if not os.path.exists(tok_path):
-    print(f"training the built-in tokenizer -> {tok_path}", flush=True)
-    os.makedirs(os.path.dirname(tok_path), exist_ok=True)
-    tokenizer_lib.train_tokenizer(synthetic.corpus_text(seed, 4000), tok_path,
-                                  vocab_size=BUILTIN_VOCAB)
+  ensure_builtin_tokenizer(data_dir, seed)
   print(f"preparing the built-in synthetic dataset {sizes} -> {root}", flush=True)
   builder = tfds_builders.MqtSynthetic(seed=seed, image_size=image_size, sizes=sizes,
                                        data_dir=data_dir)

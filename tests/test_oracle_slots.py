@@ -1,14 +1,19 @@
 """bench/oracle_slots.py: the image placeholder becomes the scene's 9 cells, answers intact."""
 import numpy as np
+import pytest
 
 from bench import oracle_slots
 from data import synthetic as S
 from data import tokenizer as tokenizer_lib
 
 
-def test_slots_hold_each_cell_and_the_answers_stay_labelled(tmp_path):
-  tok = tokenizer_lib.Tokenizer.load(tokenizer_lib.train_tokenizer(
-      S.corpus_text(0, 200), str(tmp_path / "tok.model"), vocab_size=512))
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return tokenizer_lib.Tokenizer.load(tokenizer_lib.train_tokenizer(
+      S.corpus_text(0, 200), str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=512))
+
+
+def test_slots_hold_each_cell_and_the_answers_stay_labelled(tok):
   n = 12
   for system_prompt in (True, False):
     ids, labels, slots, names = oracle_slots.encode(tok, 0, "eval", n, (), system_prompt)
@@ -31,9 +36,7 @@ def test_slots_hold_each_cell_and_the_answers_stay_labelled(tmp_path):
       assert (S.VICUNA_SYSTEM in text) == system_prompt and "USER:" in text
 
 
-def test_latent_mode_points_each_slot_at_its_latent_and_sample(tmp_path):
-  tok = tokenizer_lib.Tokenizer.load(tokenizer_lib.train_tokenizer(
-      S.corpus_text(0, 200), str(tmp_path / "tok.model"), vocab_size=512))
+def test_latent_mode_points_each_slot_at_its_latent_and_sample(tok):
   ids, labels, slots, _ = oracle_slots.encode(tok, 0, "eval", 6, (), True, latent_slots=16)
   for r in range(6):
     where = np.flatnonzero(slots[r, :, 0] >= 0)
