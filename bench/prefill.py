@@ -53,7 +53,8 @@ def larger(config):
   with c.unlocked():
     c.model.vision.update(dict(image_size=224, patch_size=16, width=256, depth=4, heads=4,
                                mlp_dim=1024))
-    c.model.query.update(dict(num_queries=64, heads=4, mlp_dim=1024))
+    c.model.query.update(dict(num_queries=64, heads=4, mlp_dim=1024,
+                              spatial_init_gap=0.0))  # M != P: the random shared init.
     c.model.llm.update(dict(width=512, depth=4, heads=8, kv_heads=8, head_dim=64, mlp_dim=1376,
                             vocab_size=4096))
   return c

@@ -41,7 +41,8 @@ def larger(config):
   with c.unlocked():
     c.model.vision.update(dict(image_size=96, patch_size=8, width=128, depth=4, heads=4,
                                mlp_dim=256))
-    c.model.query.update(dict(num_queries=36, heads=4))
+    c.model.query.update(dict(num_queries=36, heads=4,
+                              spatial_init_gap=0.0))  # M != P: the random shared init.
     c.model.llm.update(dict(width=256, depth=4, heads=8, kv_heads=4, head_dim=32, mlp_dim=512,
                             vocab_size=2048))
   return c

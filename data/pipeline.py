@@ -44,7 +44,7 @@ class PipelineConfig:
   batch_size: int  # Global batch size (all processes).
   max_text_len: int  # T: text tokens per row, placeholder included.
   image_size: int
-  template: str = "vicuna_v1"  # plain | vicuna_v1
+  template: str = "vicuna_v1"  # plain | vicuna_v1 | qa
   image_mode: str = "pad"  # pad (stage 2, eval) | crop (stage 1)
   tokenizer_path: str = ""
   seed: int = 0
@@ -60,7 +60,7 @@ class PipelineConfig:
   def __post_init__(self):
     for field, allowed in (("overlong", ("truncate", "reject")), ("on_error", ("fail", "skip")),
                            ("image_mode", ("pad", "crop")),
-                           ("template", ("plain", "vicuna_v1"))):
+                           ("template", templates.TEMPLATES)):
       if getattr(self, field) not in allowed:
         raise ValueError(f"data config {field}={getattr(self, field)!r}; choose one of {allowed}")
     if self.batch_size % self.process_count:

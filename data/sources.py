@@ -112,3 +112,43 @@ class TfdsSource:
 def pack_bits(flags: np.ndarray) -> str:
   """Bool array -> hex string of packed bits (for TFDS metadata)."""
   return np.packbits(np.asarray(flags, bool)).tobytes().hex()
+
+
+class RoundsSource:
+  """One sample per question-answer round of another source's conversations.
+
+  Sample k of a record is its k-th (human, gpt) pair, with the record's image
+  (its `<image>` moved into that question) and id "<id>#<k>"; meta gains
+  "round": k. Text-only records split the same way. A record whose turns do not
+  pair up (odd count, none) stays one sample, so the pipeline reports it rather
+  than this view dropping it. Counting rounds reads every record once.
+  """
+
+  def __init__(self, source):
+    self._source = source
+    index, has_image = [], []
+    for i in range(len(source)):
+      turns = len(source[i]["conversations"])
+      rounds = turns // 2 if turns and turns % 2 == 0 else 0
+      index += [(i, k) for k in range(max(rounds, 1))]
+      has_image += [bool(source.has_image[i])] * max(rounds, 1)
+    self._index = index
+    self.has_image = np.array(has_image, bool)
+
+  def __len__(self):
+    return len(self._index)
+
+  def __getitem__(self, j):
+    i, k = self._index[j]
+    r = dict(self._source[i])
+    conv = r["conversations"]
+    if len(conv) < 2 or len(conv) % 2:
+      return r
+    question, answer = dict(conv[2 * k]), conv[2 * k + 1]
+    if self.has_image[j]:
+      text = question["value"].replace("<image>", "").strip()
+      question["value"] = "<image>\n" + text
+    r["conversations"] = [question, answer]
+    r["id"] = f"{r['id']}#{k}"
+    r["meta"] = {**(r.get("meta") or {}), "round": k}
+    return r

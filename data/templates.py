@@ -1,7 +1,10 @@
 """Conversation templates `plain` and `vicuna_v1`: token ids and label masks.
 
 Reproduces the official LLaVA preprocessing (SPEC section 4) without its
-silent masking. The prompt text is split at `<image>`; each chunk is
+silent masking. A third template, `qa`, is ours, for small models trained from
+scratch (configs/tiny.py): no system prompt, and the image placeholder after the
+first question instead of before it ("USER: {q}<image>ASSISTANT: {a}</s>"),
+so that the visual tokens can attend to the question. The prompt text is split at `<image>`; each chunk is
 tokenized on its own (BOS only at the very start; the chunk after the image
 starts with the dummy-prefix "▁" before its "\\n") and `IMAGE_TOKEN_ID` goes
 between. Labels cover exactly each answer and its `</s>` (vicuna_v1) or the
@@ -19,7 +22,7 @@ from data.tokenizer import Tokenizer
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = -200
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "vicuna_v1")
+TEMPLATES = ("plain", "vicuna_v1", "qa")
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 EOS_TEXT = "</s>"
@@ -51,7 +54,7 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template: str, has_
     raise ConversationError(f"sample {sample_id}: {problem}")
   builder = _Builder(tokenizer)
   try:
-    (_plain if template == "plain" else _vicuna_v1)(builder, conversations, has_image)
+    _FORMATS[template](builder, conversations, has_image)
     return builder.finish()
   except _Inconsistent as e:
     raise ConversationError(f"sample {sample_id}: the {template} template does not tokenize "
@@ -63,16 +66,19 @@ def prompt_for_generation(question: str, tokenizer: Tokenizer, template: str = "
   """Ids of a one-question prompt for generation.
 
   vicuna_v1: system prompt, " USER: " + ("<image>\\n" +) question + " ASSISTANT:"
-  (an `<image>` in the question is moved to the front). plain: BOS and the
-  image placeholder only.
+  (an `<image>` in the question is moved to the front). qa: "USER: " + question
+  (+ "<image>") + " ASSISTANT:". plain: BOS and the image placeholder only.
   """
   builder = _Builder(tokenizer)
   if template == "plain":
     builder.image()
-  elif template == "vicuna_v1":
+  elif template in ("vicuna_v1", "qa"):
     if not has_image and IMAGE_TOKEN in question:
       raise ConversationError(f"a question without image contains {IMAGE_TOKEN}")
-    builder.prompt(f"{SYSTEM} USER: {_first_question(question, has_image)} ASSISTANT:")
+    if template == "vicuna_v1":
+      builder.prompt(f"{SYSTEM} USER: {_first_question(question, has_image)} ASSISTANT:")
+    else:
+      builder.prompt(_qa_prompt(question, has_image))
   else:
     raise ConversationError(f"unknown template {template!r} (one of {', '.join(TEMPLATES)})")
   return builder.finish()[0]
@@ -83,7 +89,7 @@ def _problem(conversations, template: str, has_image: bool) -> str | None:
   if template not in TEMPLATES:
     return f"unknown template {template!r} (one of {', '.join(TEMPLATES)})"
   problem = _conversation_problem(conversations, has_image)
-  if problem or template == "vicuna_v1":
+  if problem or template in ("vicuna_v1", "qa"):
     return problem or _vicuna_v1_problem(conversations)
   if not has_image:
     return "the plain template needs an image"
@@ -140,6 +146,15 @@ def _first_question(text: str, has_image: bool) -> str:
   return IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
 
 
+def _qa_prompt(question: str, has_image: bool) -> str:
+  """qa: "USER: {q} ASSISTANT:", or with an image "USER: {q}<image>ASSISTANT:" (q
+  stripped of its `<image>`; the text after the image starts a chunk, so it
+  tokenizes as " ASSISTANT:")."""
+  if not has_image:
+    return f"USER: {question} ASSISTANT:"
+  return f"USER: {question.replace(IMAGE_TOKEN, '').strip()}{IMAGE_TOKEN}ASSISTANT:"
+
+
 def _plain(builder, conversations, has_image: bool):
   """`<image>` + caption + "\\n"; loss on the caption and "\\n".
 
@@ -160,6 +175,17 @@ def _vicuna_v1(builder, conversations, has_image: bool):
     builder.prompt(f"{head}USER: {question} ASSISTANT:")
     builder.text(" " + conversations[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
     head = ""
+
+
+def _qa(builder, conversations, has_image: bool):
+  """"USER: {q} ASSISTANT: {a}</s>" per round, the image right after the first
+  question; no system prompt; loss on " {a}</s>"."""
+  for r in range(0, len(conversations), 2):
+    builder.prompt(_qa_prompt(conversations[r]["value"], has_image and r == 0))
+    builder.text(" " + conversations[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
+
+
+_FORMATS = {"plain": _plain, "vicuna_v1": _vicuna_v1, "qa": _qa}
 
 
 class _Inconsistent(Exception):

@@ -47,7 +47,7 @@ def logical_axis_rules():
 
 
 def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="pad",
-               batch_size=32, group_by_modality=True, max_len=0):
+               batch_size=32, group_by_modality=True, max_len=0, split_rounds=False):
   """Where one stage (or the evaluation) reads its samples from."""
   return ml_collections.ConfigDict(dict(
       kind=kind,  # builtin (the synthetic set, prepared on first use) | tfds | json
@@ -55,11 +55,12 @@ def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="
       dataset_dir="",  # tfds: a folder prepared by `python -m data.prepare`
       json_path="",  # json: a LLaVA conversation JSON ...
       image_folder="",  # ... and the folder its image paths are relative to
-      template=template,  # plain (stage 1) | vicuna_v1 (stage 2, eval)
+      template=template,  # plain (stage 1) | vicuna_v1 (stage 2, eval) | qa (tiny)
       image_mode=image_mode,  # crop (stage 1) | pad (stage 2, eval)
       batch_size=batch_size,  # Global batch size.
       group_by_modality=group_by_modality,  # All-image or all-text batches.
-      max_len=max_len))  # Sequence length for this data (0: config.data.max_len).
+      max_len=max_len,  # Sequence length for this data (0: config.data.max_len).
+      split_rounds=split_rounds))  # One sample per question-answer round.
 
 
 def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0.03,
@@ -69,6 +70,8 @@ def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0
       steps=steps,  # Optimizer steps in this stage.
       accum_steps=accum_steps,  # Gradient accumulation micro-batches per step.
       init_from="",  # A checkpoint directory to take parameters from (else the previous stage).
+      reinit="",  # Regex over "component/.../leaf" paths: these start fresh (random init)
+                  # instead of carrying over from init_from / the previous stage.
       data=data,
       optim=ml_collections.ConfigDict(dict(
           lr=lr, warmup=warmup,  # warmup: a fraction of steps (< 1) or a step count.

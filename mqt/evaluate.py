@@ -166,7 +166,8 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
   max_text = int(config.data.max_len) - num_queries + 1
   prompts = {}
   for name, qs in benches.items():
-    prompts[name] = [inference.encode_prompt(q.prompt, tok, q.image is not None) for q in qs]
+    prompts[name] = [inference.encode_prompt(q.prompt, tok, q.image is not None, loaded.template)
+                     for q in qs]
     for q, p in zip(qs, prompts[name]):
       if len(p) > max_text:
         raise ValueError(f"benchmark {name}, question {q.qid}: the prompt has {len(p)} tokens, "

@@ -66,6 +66,7 @@ class Loaded:
   tokenizer: tokenizer_lib.Tokenizer
   mesh: object
   checkpoint: str
+  template: str = "vicuna_v1"  # The prompt template (config.eval.data.template).
 
 
 def load(config, workdir: str, checkpoint: str = "") -> Loaded:
@@ -88,7 +89,8 @@ def load(config, workdir: str, checkpoint: str = "") -> Loaded:
       params = train.fresh_params(hf, model_cfg, model, shardings)
     else:
       params = train.load_params(checkpoint, model_cfg, mesh, config)
-  return Loaded(model_cfg, model, params, tokenizer, mesh, checkpoint)
+  return Loaded(model_cfg, model, params, tokenizer, mesh, checkpoint,
+                config.eval.data.template)
 
 
 def encode_prompt(question: str, tokenizer, has_image: bool, template: str = "vicuna_v1"):
@@ -184,7 +186,7 @@ def sampling_config(gen_cfg, tokenizer) -> gen.SamplingConfig:
 
 def answer(loaded: Loaded, image_paths, questions, m: int, gen_cfg, text_len: int | None = None):
   """Images + questions (one each; a None image = text only) at m -> answers."""
-  prompts = [encode_prompt(q, loaded.tokenizer, p is not None)
+  prompts = [encode_prompt(q, loaded.tokenizer, p is not None, loaded.template)
              for p, q in zip(image_paths, questions)]
   text_len = text_len or max(len(p) for p in prompts)
   ids, mask = pad_prompts(prompts, text_len, max(loaded.tokenizer.pad_id, 0))

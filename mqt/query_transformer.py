@@ -50,6 +50,15 @@ class QueryConfig:
   # of a near-uniform average (the official code's random init). Matters when
   # training from scratch; an imported checkpoint overwrites both.
   spatial_init: bool = False
+  # official only, with spatial_init, when M equals the patch count: q_proj and
+  # k_proj instead start as the linear map that sends every latent's and every
+  # patch's LayerNormed sin-cos position to one-hot codes of its row and column
+  # (in each head), scaled so that a patch in the latent's row (column) gains
+  # this many attention logits: latent j starts as patch j's features, not a
+  # blur (`grid_position_kernel`). The random shared init gives a latent ~0.2 of
+  # its own patch on a 3x3 grid (uniform: 0.11), and training does not sharpen
+  # it. 0: the random shared init.
+  spatial_init_gap: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -121,6 +130,36 @@ def patch_grid(num_patches: int) -> int:
   return side
 
 
+def grid_position_kernel(pos: np.ndarray, heads: int, gap: float, eps: float) -> np.ndarray:
+  """[D, D] kernel K with LN(pos[j]) @ K = s * (one-hot row ++ one-hot column of j), in
+  each head's first 2g dims (g x g grid; pos [g*g, D] the sin-cos table).
+
+  A sin-cos position is a sum of a row part and a column part, so no linear map
+  gives one-hot cells; one-hot rows and columns it does give. Then q.k / sqrt(d)
+  is gap * ([same row] + [same column]): softmax over patches factorizes into a
+  row softmax times a column softmax, each `gap` logits sharper on the latent's
+  own row / column (gap 5: ~0.97 of its weight on its own patch on a 3x3 grid).
+  """
+  n, width = pos.shape
+  g = math.isqrt(n)
+  d = width // heads
+  if d < 2 * g:
+    raise ValueError(f"spatial_init_gap: head width {d} < {2 * g} (row and column codes)")
+  x = pos.astype(np.float64) - pos.mean(-1, keepdims=True)
+  x = x / np.sqrt(x.var(-1, keepdims=True) + eps)
+  scale = math.sqrt(gap * math.sqrt(d))
+  rows, cols = np.divmod(np.arange(n), g)
+  target = np.zeros((n, width))
+  for h in range(heads):  # Centred codes: their products differ from one-hot's by a constant.
+    target[:, h * d:h * d + 2 * g] = -scale / g
+    target[np.arange(n), h * d + rows] += scale
+    target[np.arange(n), h * d + g + cols] += scale
+  kernel = np.linalg.lstsq(x, target, rcond=1e-6)[0]
+  if not np.allclose(x @ kernel, target, atol=0.05 * scale):  # float16-rounded table: ~0.02.
+    raise ValueError("spatial_init_gap: the sin-cos positions do not separate rows and columns")
+  return kernel.astype(np.float32)
+
+
 def prefix_mask(m, batch: int, n: int) -> jax.Array:
   """[B, n] boolean, True for latent index < m (m: int, scalar or [B])."""
   m = jnp.broadcast_to(jnp.asarray(m, jnp.int32), (batch,))
@@ -167,7 +206,14 @@ class OfficialQueryTransformer(nn.Module):
     k = layers.layer_norm(c.ln_eps, name="ln_k", **kw)(pos_kv)
     v = layers.layer_norm(c.ln_eps, name="ln_v", **kw)(features)
     init = nn.initializers.lecun_normal()
-    if c.spatial_init and self.is_initializing():
+    if c.spatial_init and c.spatial_init_gap and self.is_initializing():
+      if n != c.num_queries or c.num_queries != p:
+        raise ValueError(f"spatial_init_gap needs as many latents as patches; got M="
+                         f"{c.num_queries} latents (n={n}) and {p} patches")
+      kernel = grid_position_kernel(sincos_2d(c.width, c.grid), c.heads,
+                                       c.spatial_init_gap, c.ln_eps)  # pos16's init value.
+      init = lambda _, shape, dtype: jnp.asarray(kernel, dtype)
+    elif c.spatial_init and self.is_initializing():
       shared = self.make_rng("params")
       init = lambda _, shape, dtype: nn.initializers.lecun_normal()(shared, shape, dtype)
     q = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="q_proj",

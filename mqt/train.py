@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 
 import jax
@@ -115,12 +116,14 @@ def open_source(config, data_cfg, workdir: str):
   from data import sources  # pylint: disable=import-outside-toplevel
   split = data_cfg.split
   if data_cfg.kind == "builtin":
-    return sources.TfdsSource(prepare_builtin(config, workdir), split)
-  if data_cfg.kind == "tfds":
-    return sources.TfdsSource(data_cfg.dataset_dir, split)
-  if data_cfg.kind == "json":
-    return sources.LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
-  raise ValueError(f"unknown data.kind {data_cfg.kind!r} (builtin | tfds | json)")
+    source = sources.TfdsSource(prepare_builtin(config, workdir), split)
+  elif data_cfg.kind == "tfds":
+    source = sources.TfdsSource(data_cfg.dataset_dir, split)
+  elif data_cfg.kind == "json":
+    source = sources.LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
+  else:
+    raise ValueError(f"unknown data.kind {data_cfg.kind!r} (builtin | tfds | json)")
+  return sources.RoundsSource(source) if data_cfg.get("split_rounds") else source
 
 
 def tokenizer_path(config, data_cfg, workdir: str) -> str:
@@ -164,6 +167,20 @@ def _random_params(seed, model_cfg, model, shardings):
   init = lambda key: nn.unbox(model.init(key, images, ids, mask,
                                          model_cfg.query.num_queries))["params"]
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def reinit_params(params, pattern: str, fresh, name: str = "stage"):
+  """`params` with every leaf whose "component/.../leaf" path matches `pattern` taken
+  from `fresh` (a random init); a pattern that matches nothing is an error."""
+  rx = re.compile(pattern)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  new = traverse_util.flatten_dict(fresh, sep="/")
+  hits = [k for k in flat if rx.search(k)]
+  if not hits:
+    raise ValueError(f"{name}.reinit={pattern!r} matches no parameter")
+  logging.info("%s: %d parameter arrays start fresh (%s)", name, len(hits), pattern)
+  return traverse_util.unflatten_dict({k: new[k] if k in hits else v for k, v in flat.items()},
+                                      sep="/")
 
 
 def fresh_params(config, model_cfg, model, shardings):
@@ -240,6 +257,10 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   else:
     params = init_params if init_params is not None else fresh_params(
         config, model_cfg, model, p_shard)
+    if init_params is not None and stage_cfg.get("reinit"):
+      params = reinit_params(params, stage_cfg.reinit,
+                             _random_params(config.seed + int(name[-1]), model_cfg, model,
+                                            p_shard), name)
     params = jax.device_put(params, p_shard)
     state = jax.jit(make_state, out_shardings=state_shardings)(params)
 

@@ -59,7 +59,7 @@ def test_dtype_option_gives_bf16_compute_with_f32_params():
   params = nn.unbox(model.init(jax.random.key(0), images, ids, mask, 4))
   assert {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
   hidden = jax.make_jaxpr(lambda p: model.apply(p, images, ids, mask, 4)[0])(params)
-  assert "bf16[2,21,128]" in str(hidden)  # Decoder activations run in bfloat16.
+  assert "bf16[2,14,128]" in str(hidden)  # Decoder activations run in bfloat16.
   logits, _ = model.apply(params, images, ids, mask, 4)
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
@@ -78,10 +78,11 @@ def test_each_data_block_may_set_its_own_max_len(tmp_path):
   got = lambda d: train.pipeline_config(config, d, cfg, str(tmp_path), train=True).max_text_len
   assert got(config.stage1.data) == 64 - m + 1
   assert got(config.stage2.data) == config.data.max_len - m + 1
+  config.eval.data.max_len = 112
   assert got(config.eval.data) == 112 - m + 1
-  config.stage2.data.max_len = 16
-  with pytest.raises(ValueError, match="the data block's max_len=16 leaves no room"):
+  config.stage2.data.max_len = m  # One text slot: not even BOS and the placeholder.
+  with pytest.raises(ValueError, match=f"the data block's max_len={m} leaves no room"):
     got(config.stage2.data)
-  config.stage2.data.max_len, config.data.max_len = 0, 12
-  with pytest.raises(ValueError, match=r"config.data.max_len=12 leaves no room"):
+  config.stage2.data.max_len, config.data.max_len = 0, m - 1
+  with pytest.raises(ValueError, match=rf"config.data.max_len={m - 1} leaves no room"):
     got(config.stage2.data)

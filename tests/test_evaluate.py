@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
 def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
   config, workdir = trained
   out = os.path.join(workdir, "eval")
-  ms = [1, 16]
+  ms = [1, 9]
   res = evaluate.sweep(config, workdir, ms, ["builtin"], out, limit=10)
   sizes = {k: len(v) for k, v in evaluate.load_benchmarks(config, ["builtin"], workdir, 10).items()}
   assert sizes["synthetic"] == 10 and min(sizes.values()) >= 4
@@ -83,18 +83,18 @@ def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
       assert img.format == "PNG" and img.size[0] > 300
   with open(os.path.join(out, "results.json")) as f:
     saved = json.load(f)
-  assert set(saved["per_m"]) == {"1", "16"}
-  with open(os.path.join(out, "predictions", "gqa_m16.jsonl")) as f:
+  assert set(saved["per_m"]) == {"1", "9"}
+  with open(os.path.join(out, "predictions", "gqa_m9.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == sizes["gqa"] and all("prediction" in r for r in rows)
   assert "synthetic accuracy" in printed and "prefill GFLOPs/image" in printed
-  assert "m=16" in printed
+  assert "m=9" in printed
 
 
 def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
   config, workdir = trained
-  with pytest.raises(ValueError, match=r"m=17 is out of range: 1 <= m <= M=16"):
-    evaluate.sweep(config, workdir, [4, 17], ["builtin"], str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"m=10 is out of range: 1 <= m <= M=9"):
+    evaluate.sweep(config, workdir, [4, 10], ["builtin"], str(tmp_path / "a"))
   with pytest.raises(ValueError, match=r"m=0 is out of range"):
     evaluate.sweep(config, workdir, [0], ["builtin"], str(tmp_path / "a"))
   with pytest.raises(ValueError, match=r"unknown benchmark 'coco'"):
@@ -119,9 +119,9 @@ def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
 def test_a_prompt_too_long_is_named(trained, tmp_path):
   config, workdir = trained
   short = config.copy_and_resolve_references()
-  short.data.max_len = 40  # 25 text tokens beside 16 visual ones: the system prompt is longer.
+  short.data.max_len = 16  # 8 text tokens beside 9 visual ones: every prompt is longer.
   with pytest.raises(ValueError, match=r"benchmark synthetic, question eval_0: the prompt has "
-                     r"\d+ tokens, more than the 25"):
+                     r"\d+ tokens, more than the 8"):
     evaluate.sweep(short, workdir, [4], ["synthetic"], str(tmp_path / "b"))
 
 
@@ -158,8 +158,8 @@ def test_predict_requires_and_validates_m(trained, tmp_path):
             f"--image={image}", "--prompt=What color is the circle?"]
   no_m = _predict(common)
   assert no_m.returncode != 0 and "--m" in no_m.stderr
-  too_big = _predict(common + ["--m=17"])
-  assert too_big.returncode != 0 and "m=17 is out of range: 1 <= m <= M=16" in too_big.stderr
+  too_big = _predict(common + ["--m=10"])
+  assert too_big.returncode != 0 and "m=10 is out of range: 1 <= m <= M=9" in too_big.stderr
   ok = _predict(common + ["--m=3", "--max_new_tokens=3"])
   assert ok.returncode == 0, ok.stderr
   assert ok.stdout.strip() == inference.answer(

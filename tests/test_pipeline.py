@@ -10,7 +10,8 @@ from data import pipeline
 from data import prepare
 from data import templates
 from data import tokenizer as tokenizer_lib
-from data.sources import DataError, LlavaJsonSource, TfdsSource
+from data.sources import DataError, LlavaJsonSource, RoundsSource, TfdsSource
+from data.templates import IMAGE_TOKEN_ID
 
 CORPUS = [
     templates.SYSTEM, "USER: ASSISTANT:",
@@ -136,7 +137,9 @@ def test_tfds_builder_to_model_ready_batches(llava_dir, tmp_path):
   tfds_batches = list(pipeline.make_dataset(src, _cfg(tok, image_size=64)))
   for a, b in zip(json_batches, tfds_batches):
     _same(a, b)
-  cfg = ModelConfig.from_config(tiny.get_config().model)
+  model_config = tiny.get_config().model
+  model_config.query.spatial_init_gap = 0.0  # 64 px images: 2x2 patches for 9 latents.
+  cfg = ModelConfig.from_config(model_config)
   model = MQTLLaVA(cfg)
   batch = next(b for b in tfds_batches if (b["input_ids"] == -200).any())
   ids = np.minimum(batch["input_ids"], cfg.llm.vocab_size - 1)  # The tiny vocab is smaller.
@@ -265,3 +268,34 @@ def test_concurrent_preparations_of_one_data_dir_take_turns(tmp_path, monkeypatc
   for t in threads:
     t.join()
   assert seen == [1, 1, 1, 1]
+
+
+def test_rounds_source_gives_one_sample_per_round_and_loses_nothing(llava_dir):
+  root, tok, records = llava_dir
+  multi = [dict(records[0], id="m0", conversations=_conv("What is in the picture?", "A photo.")
+                + _conv("Is it big?", "Yes.", False) + _conv("Colour?", "Grey.", False)),
+           dict(records[-1], id="t0", conversations=_conv("One?", "Two.", False) * 2),
+           dict(records[1], id="odd", conversations=_conv("Q?", "A.")[:1])]
+  (root / "multi.json").write_text(json.dumps(multi))
+  base = LlavaJsonSource(str(root / "multi.json"), str(root / "images"))
+  src = RoundsSource(base)
+  assert [src[i]["id"] for i in range(len(src))] == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1",
+                                                     "odd"]
+  np.testing.assert_array_equal(src.has_image, [True, True, True, False, False, True])
+  assert src[1]["conversations"] == _conv("Is it big?", "Yes.")  # The image moved in.
+  assert src[2]["image_path"] == base[0]["image_path"] and src[2]["meta"]["round"] == 2
+  assert src[4]["conversations"] == _conv("One?", "Two.", False)
+  # The unpaired record stays whole, so decoding names it instead of dropping it.
+  batches = list(pipeline.make_dataset(src, _cfg(tok, batch_size=6, num_epochs=1,
+                                                  shuffle=False, group_by_modality=False,
+                                                  template="qa", on_error="skip")))
+  b = batches[0]
+  assert list(b["sample_id"]) == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1", "odd"]
+  np.testing.assert_array_equal(b["skipped"], [False] * 5 + [True])
+  for r in range(5):  # One answer per row, and the image (if any) after its question.
+    ids = b["input_ids"][r][b["text_mask"][r]]
+    assert (b["labels"][r] == tokenizer_lib.Tokenizer.load(tok).eos_id).sum() == 1
+    assert (ids == IMAGE_TOKEN_ID).sum() == (1 if r < 3 else 0)
+  with pytest.raises(DataError, match="sample odd"):
+    list(pipeline.make_dataset(src, _cfg(tok, batch_size=6, num_epochs=1, shuffle=False,
+                                          group_by_modality=False, template="qa")))

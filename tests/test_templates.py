@@ -327,3 +327,38 @@ def test_inconsistent_tokenization_is_loud(model_path):
   with pytest.raises(ConversationError, match="^sample s7: the vicuna_v1 template does not "
                      "tokenize consistently"):
     templates.encode_conversation(CONVERSATIONS["multi-turn"][0], tok, "vicuna_v1", True, "s7")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_qa_puts_the_image_after_the_question_without_system_prompt(model_path, legacy):
+  tok = load(model_path, legacy)
+  conv = [{"from": "human", "value": "<image>\nWhat is shown?"},
+          {"from": "gpt", "value": "A red circle."},
+          {"from": "human", "value": "How many objects are there?"},
+          {"from": "gpt", "value": "Two."}]
+  ids, labels = templates.encode_conversation(conv, tok, "qa", has_image=True)
+  k = ids.index(IMAGE_TOKEN_ID)
+  # BOS, the first question, the image, then " ASSISTANT:" as its own chunk.
+  assert ids[:k] == tok.encode("USER: What is shown?", bos=True)
+  first_answer = tok.encode(" A red circle.</s>", dummy_prefix=False)
+  after = tok.encode("ASSISTANT:")
+  assert ids[k + 1:k + 1 + len(after)] == after
+  assert ids[k + 1 + len(after):k + 1 + len(after) + len(first_answer)] == first_answer
+  # Loss exactly on each answer and its </s>; the same text as whole-chunk tokenization.
+  kept = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+  assert kept == first_answer + tok.encode(" Two.</s>", dummy_prefix=False)
+  assert [l for l in labels if l != IGNORE_INDEX] == kept
+  assert templates.SYSTEM not in tok.decode([i for i in ids if i >= 0])
+  # A generation prompt is the same ids as the conversation up to the first answer.
+  prompt = templates.prompt_for_generation("<image>\nWhat is shown?", tok, "qa")
+  assert prompt == ids[:k + 1 + len(after)]
+
+
+def test_qa_without_image_and_bad_conversations(model_path):
+  tok = load(model_path, True)
+  conv = [{"from": "human", "value": "How many digits?"}, {"from": "gpt", "value": "One."}]
+  ids, _ = templates.encode_conversation(conv, tok, "qa", has_image=False)
+  assert IMAGE_TOKEN_ID not in ids
+  assert ids == tok.encode("USER: How many digits? ASSISTANT: One.</s>", bos=True)
+  with pytest.raises(ConversationError, match="sample s7"):
+    templates.encode_conversation(conv[:1], tok, "qa", has_image=False, sample_id="s7")

@@ -29,7 +29,7 @@ def _cmd(workdir, data_dir):
           f"--config.stage1.steps={STEPS1}", f"--config.stage2.steps={STEPS2}",
           "--config.stage1.data.batch_size=8", "--config.stage2.data.batch_size=8",
           "--config.checkpoint.every=3", "--config.checkpoint.keep=2", "--config.log_every=5",
-          "--config.eval.ms=(16,)", "--config.eval.data.batch_size=8"]
+          "--config.eval.ms=(9,)", "--config.eval.data.batch_size=8"]
 
 
 def _env():

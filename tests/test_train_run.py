@@ -65,7 +65,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_summary_and_progress(tmp_path, capsys):
   config = _tiny(tmp_path, tmp_path / "data", steps=3)
-  config.eval.ms = (1, 16)
+  config.eval.ms = (1, 9)
   config.eval.data.batch_size = 12  # The mesh has 8 batch shards.
   with pytest.raises(ValueError, match=r"--config.eval.data.batch_size=12 does not divide over "
                      r"the 8 batch shards"):
@@ -102,3 +102,41 @@ def test_builtin_data_is_prepared_by_process_0_before_the_others_look(
   assert train.prepare_builtin(config, str(tmp_path)) == str(tmp_path / "data") + "/root"
   assert events == order
 
+
+
+def test_stage2_reinit_starts_the_matching_parameters_afresh(tmp_path):
+  """configs/tiny.py's stage 2: the LLM starts from a fresh random init (not stage 1's),
+  trains alone; the tower and query transformer carry over from stage 1 bitwise."""
+  from flax import traverse_util
+  from mqt.model import MQTLLaVA, ModelConfig
+  config = _tiny(tmp_path, tmp_path / "data", steps=2)
+  config.run_stages = "1,2"
+  config.stage2.steps = 1
+  config.stage2.optim.lr = 0.0  # Stage 2 changes nothing itself: what it starts from shows.
+  config.stage2.data.batch_size = 8
+  assert config.stage2.reinit == "^llm/"
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["stages"]["stage2"]["steps"] == 1
+
+  from flax import linen as nn
+  from mqt import sharding as shard_lib
+  from mqt.model import abstract_params
+  model_cfg = ModelConfig.from_config(config.model)
+  mesh = shard_lib.make_mesh(config.sharding.mesh)
+  rules = tuple(config.sharding.logical_axis_rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    flat = lambda p: traverse_util.flatten_dict(jax.device_get(p), sep="/")
+    one, two = (flat(train.load_params(str(tmp_path / "run" / s / "checkpoints"), model_cfg,
+                                       mesh, config)) for s in ("stage1", "stage2"))
+    shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh, rules)
+    fresh = flat(train._random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
+                                      shardings))
+  for path in one:
+    if path.startswith("llm/"):
+      np.testing.assert_array_equal(two[path], fresh[path], err_msg=path)
+      assert not np.array_equal(two[path], one[path]), path
+    else:
+      np.testing.assert_array_equal(two[path], one[path], err_msg=path)
+  with pytest.raises(ValueError, match=r"stage2.reinit='\^lm/' matches no parameter"):
+    train.reinit_params({"llm": {"w": np.zeros(2)}}, "^lm/", {"llm": {"w": np.ones(2)}},
+                        "stage2")
