@@ -126,14 +126,13 @@ class RoundsSource:
 
   def __init__(self, source):
     self._source = source
-    index, has_image = [], []
+    index = []  # (record, round), round None: the record stays whole.
     for i in range(len(source)):
       turns = len(source[i]["conversations"])
-      rounds = turns // 2 if turns and turns % 2 == 0 else 0
-      index += [(i, k) for k in range(max(rounds, 1))]
-      has_image += [bool(source.has_image[i])] * max(rounds, 1)
+      index += ([(i, k) for k in range(turns // 2)] if turns and turns % 2 == 0
+                else [(i, None)])
     self._index = index
-    self.has_image = np.array(has_image, bool)
+    self.has_image = np.asarray(source.has_image, bool)[[i for i, _ in index]]
 
   def __len__(self):
     return len(self._index)
@@ -141,9 +140,9 @@ class RoundsSource:
   def __getitem__(self, j):
     i, k = self._index[j]
     r = dict(self._source[i])
-    conv = r["conversations"]
-    if len(conv) < 2 or len(conv) % 2:
+    if k is None:
       return r
+    conv = r["conversations"]
     question, answer = dict(conv[2 * k]), conv[2 * k + 1]
     if self.has_image[j]:
       text = question["value"].replace("<image>", "").strip()
