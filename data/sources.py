@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from data import templates
+
 
 class DataError(ValueError):
   """Bad input data; the message names the file and the sample."""
@@ -80,6 +82,8 @@ class TfdsSource:
 
   `dataset_dir` is the prepared version folder, e.g.
   `<data_dir>/mqt_synthetic/default/1.0.0` (see `data.tfds_builders.dataset_dir`).
+  `turns`: every record's turn count from the metadata (None if it was prepared
+  before that was recorded).
   """
 
   def __init__(self, dataset_dir: str, split: str):
@@ -97,6 +101,8 @@ class TfdsSource:
                       f"prepare it with `python -m data.prepare`")
     self.has_image = np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[
         :len(self._source)].astype(bool)
+    turns = meta.get("turns", {}).get(split)  # Absent in datasets prepared before it.
+    self.turns = None if turns is None else unpack_counts(turns)
 
   def __len__(self):
     return len(self._source)
@@ -114,6 +120,19 @@ def pack_bits(flags: np.ndarray) -> str:
   return np.packbits(np.asarray(flags, bool)).tobytes().hex()
 
 
+def pack_counts(counts) -> str:
+  """Small non-negative ints (< 65536) -> hex string of little-endian uint16 (for TFDS
+  metadata)."""
+  counts = np.asarray(counts, np.int64)
+  if counts.size and (counts.min() < 0 or counts.max() > 0xFFFF):
+    raise DataError(f"counts must lie in [0, 65535]; got {counts.min()}..{counts.max()}")
+  return counts.astype("<u2").tobytes().hex()
+
+
+def unpack_counts(text: str) -> np.ndarray:
+  return np.frombuffer(bytes.fromhex(text), "<u2").astype(np.int64)
+
+
 class RoundsSource:
   """One sample per question-answer round of another source's conversations.
 
@@ -121,16 +140,20 @@ class RoundsSource:
   (its `<image>` moved into that question) and id "<id>#<k>"; meta gains
   "round": k. Text-only records split the same way. A record whose turns do not
   pair up (odd count, none) stays one sample, so the pipeline reports it rather
-  than this view dropping it. Counting rounds reads every record once.
+  than this view dropping it. The turn counts come from the source's `turns`
+  (TFDS metadata) where it has them; else every record is read once.
   """
 
   def __init__(self, source):
     self._source = source
+    turns = getattr(source, "turns", None)
+    if turns is None:
+      turns = [len(source[i]["conversations"]) for i in range(len(source))]
+    if len(turns) != len(source):
+      raise DataError(f"the source has {len(source)} records but {len(turns)} turn counts")
     index = []  # (record, round), round None: the record stays whole.
-    for i in range(len(source)):
-      turns = len(source[i]["conversations"])
-      index += ([(i, k) for k in range(turns // 2)] if turns and turns % 2 == 0
-                else [(i, None)])
+    for i, n in enumerate(turns):
+      index += [(i, k) for k in range(n // 2)] if n and n % 2 == 0 else [(i, None)]
     self._index = index
     self.has_image = np.asarray(source.has_image, bool)[[i for i, _ in index]]
 
@@ -142,12 +165,10 @@ class RoundsSource:
     r = dict(self._source[i])
     if k is None:
       return r
-    conv = r["conversations"]
-    question, answer = dict(conv[2 * k]), conv[2 * k + 1]
-    if self.has_image[j]:
-      text = question["value"].replace("<image>", "").strip()
-      question["value"] = "<image>\n" + text
-    r["conversations"] = [question, answer]
+    if len(r["conversations"]) < 2 * k + 2:
+      raise DataError(f"sample {r['id']}: {len(r['conversations'])} turns, but the source's "
+                      f"turn counts promised round {k}")
+    r["conversations"] = templates.one_round(r["conversations"], k, self.has_image[j])
     r["id"] = f"{r['id']}#{k}"
     r["meta"] = {**(r.get("meta") or {}), "round": k}
     return r

@@ -139,11 +139,24 @@ def _vicuna_v1_problem(conversations) -> str | None:
   return None
 
 
+def without_image(text: str) -> str:
+  """The text with its `<image>` placeholder removed, stripped."""
+  return text.replace(IMAGE_TOKEN, "").strip()
+
+
 def _first_question(text: str, has_image: bool) -> str:
   """LLaVA moves the image to the front: "<image>\\n" + the stripped text."""
   if not has_image:
     return text
-  return IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+  return IMAGE_TOKEN + "\n" + without_image(text)
+
+
+def one_round(conversations, k: int, has_image: bool) -> list:
+  """Round k (the k-th human-gpt pair) as a conversation of its own; with an image,
+  its question carries the `<image>` (at the front, where LLaVA puts it)."""
+  question, answer = dict(conversations[2 * k]), conversations[2 * k + 1]
+  question["value"] = _first_question(question["value"], has_image)
+  return [question, answer]
 
 
 def _qa_prompt(question: str, has_image: bool) -> str:
@@ -152,7 +165,7 @@ def _qa_prompt(question: str, has_image: bool) -> str:
   tokenizes as " ASSISTANT:")."""
   if not has_image:
     return f"USER: {question} ASSISTANT:"
-  return f"USER: {question.replace(IMAGE_TOKEN, '').strip()}{IMAGE_TOKEN}ASSISTANT:"
+  return f"USER: {without_image(question)}{IMAGE_TOKEN}ASSISTANT:"
 
 
 def _plain(builder, conversations, has_image: bool):

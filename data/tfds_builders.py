@@ -6,9 +6,10 @@
                       splits `captions` (stage 1), `instruct` (stage 2), `eval`.
 
 Records store the encoded image file bytes as they are (JPEG, PNG, ...), the
-conversation as JSON text, and the sample id; per-split `has_image` bitmaps and
-the skipped samples go into the dataset metadata. Read them back with
-`data.sources.TfdsSource(dataset_dir(...), split)`; preparing is
+conversation as JSON text, and the sample id; per split, a `has_image` bitmap,
+every record's turn count (so that a one-sample-per-round view need not read
+the records) and the skipped samples go into the dataset metadata. Read them
+back with `data.sources.TfdsSource(dataset_dir(...), split)`; preparing is
 `python -m data.prepare` (see its --help).
 """
 import io
@@ -20,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data.sources import DataError, load_llava_json, pack_bits
+from data.sources import DataError, load_llava_json, pack_bits, pack_counts
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
                                  metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
-  def _record_split(self, split, flags, skipped):
+  def _record_split(self, split, flags, skipped, turns):
     meta = self.info.metadata
     meta.setdefault("has_image", {})[split] = pack_bits(flags)
+    meta.setdefault("turns", {})[split] = pack_counts(turns)
     meta.setdefault("skipped", {})[split] = skipped
 
 
@@ -76,7 +78,7 @@ class LlavaConversations(_Builder):
 
   def _generate_examples(self):
     records = load_llava_json(self._json_path)
-    flags, skipped = [], []
+    flags, skipped, turns = [], [], []
     for i, rec in enumerate(records):
       sid = str(rec.get("id", f"#{i}"))
       data = b""
@@ -94,10 +96,11 @@ class LlavaConversations(_Builder):
           skipped.append([sid, msg])
           continue
       flags.append("image" in rec)
+      turns.append(len(rec["conversations"]))
       yield sid, {"id": sid, "conversations": json.dumps(rec["conversations"]),
                   "image": data, "image_name": rec.get("image", ""), "has_image": "image" in rec,
                   "meta": _meta(rec)}
-    self._record_split("train", flags, skipped)
+    self._record_split("train", flags, skipped, turns)
     if skipped:
       log.warning("%d samples skipped while preparing %s", len(skipped), self._json_path)
 
@@ -118,7 +121,7 @@ class MqtSynthetic(_Builder):
 
   def _generate_examples(self, split):
     from data import synthetic  # pylint: disable=import-outside-toplevel
-    flags = []
+    flags, turns = [], []
     for rec, image in synthetic.iter_records(self._seed, split, self._sizes[split],
                                              image_size=self._image_size):
       data = b""
@@ -127,10 +130,11 @@ class MqtSynthetic(_Builder):
         image.save(buf, format="PNG")
         data = buf.getvalue()
       flags.append(image is not None)
+      turns.append(len(rec["conversations"]))
       yield rec["id"], {"id": rec["id"], "conversations": json.dumps(rec["conversations"]),
                         "image": data, "image_name": rec.get("image", ""),
                         "has_image": image is not None, "meta": _meta(rec)}
-    self._record_split(split, flags, [])
+    self._record_split(split, flags, [], turns)
 
 
 def dataset_dir(data_dir: str, builder_name: str, config: str | None = None,

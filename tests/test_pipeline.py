@@ -299,3 +299,45 @@ def test_rounds_source_gives_one_sample_per_round_and_loses_nothing(llava_dir):
   with pytest.raises(DataError, match="sample odd"):
     list(pipeline.make_dataset(src, _cfg(tok, batch_size=6, num_epochs=1, shuffle=False,
                                           group_by_modality=False, template="qa")))
+
+
+class _Counting:
+  """A source proxy that counts record reads; `turns` hidden when `hide_turns`."""
+
+  def __init__(self, source, hide_turns=False):
+    self._source, self.reads, self.has_image = source, 0, source.has_image
+    if not hide_turns:
+      self.turns = source.turns
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self._source[i]
+
+
+def test_tfds_turn_counts_split_rounds_without_reading_records(llava_dir, tmp_path):
+  root, _, records = llava_dir
+  multi = [dict(records[0], id="m0", conversations=_conv("What is in the picture?", "A photo.")
+                + _conv("Is it big?", "Yes.", False)),
+           dict(records[-1], id="t0", conversations=_conv("One?", "Two.", False) * 3),
+           dict(records[1], id="odd", conversations=_conv("Q?", "A.")[:1])]
+  (root / "multi_tfds.json").write_text(json.dumps(multi))
+  out = prepare.prepare_llava(str(root / "multi_tfds.json"), str(root / "images"), "rounds",
+                              str(tmp_path))
+  src = TfdsSource(out, "train")
+  np.testing.assert_array_equal(src.turns, [4, 6, 1])
+  fast, slow = _Counting(src), _Counting(src, hide_turns=True)
+  a, b = RoundsSource(fast), RoundsSource(slow)
+  assert fast.reads == 0 and slow.reads == 3  # Metadata instead of one read per record.
+  assert [a[i]["id"] for i in range(len(a))] == [b[i]["id"] for i in range(len(b))] == [
+      "m0#0", "m0#1", "t0#0", "t0#1", "t0#2", "odd"]
+  np.testing.assert_array_equal(a.has_image, b.has_image)
+  fast.turns = np.array([4, 8, 1])  # Counts that promise more than a record holds.
+  with pytest.raises(DataError, match="sample t0: 6 turns, but the source's turn counts "
+                     "promised round 3"):
+    RoundsSource(fast)[5]
+  fast.turns = np.array([4, 6])
+  with pytest.raises(DataError, match="3 records but 2 turn counts"):
+    RoundsSource(fast)

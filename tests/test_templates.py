@@ -362,3 +362,13 @@ def test_qa_without_image_and_bad_conversations(model_path):
   assert ids == tok.encode("USER: How many digits? ASSISTANT: One.</s>", bos=True)
   with pytest.raises(ConversationError, match="sample s7"):
     templates.encode_conversation(conv[:1], tok, "qa", has_image=False, sample_id="s7")
+
+
+def test_one_round_moves_the_image_into_the_asked_question():
+  conv = [{"from": "human", "value": "What colour?\n<image>"}, {"from": "gpt", "value": "red"},
+          {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "2"}]
+  assert templates.one_round(conv, 1, True) == [
+      {"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "2"}]
+  assert templates.one_round(conv, 0, True)[0]["value"] == "<image>\nWhat colour?"
+  assert templates.one_round(conv, 1, False)[0]["value"] == "How many?"
+  assert conv[2]["value"] == "How many?"  # The input is left as it was.
