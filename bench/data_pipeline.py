@@ -23,6 +23,7 @@ from configs import tiny
 from data import pipeline
 from data import prepare
 from data.sources import TfdsSource
+from mqt import config_lib
 
 _BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches per measurement.")
 
@@ -63,7 +64,7 @@ def main(argv):
   root = tempfile.mkdtemp(prefix="mqt_bench_")
   config = tiny.get_config()
   px = config.data.builtin_image_size
-  text_len = config.data.max_len - config.model.query.num_queries + 1
+  text_len = config_lib.max_text_len(config, config.stage2.data, "config.stage2.data")
   sizes = {"captions": 64, "instruct": 2000, "eval": 64}
   synth = prepare.ensure_builtin(os.path.join(root, "builtin"), image_size=px, sizes=sizes)
   tok = prepare.builtin_tokenizer_path(os.path.join(root, "builtin"))

@@ -63,6 +63,21 @@ def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="
       split_rounds=split_rounds))  # One sample per question-answer round.
 
 
+def max_text_len(config, block, where: str = "") -> int:
+  """Text tokens one sequence of `block` holds beside the M visual tokens (the image
+  placeholder is one of them): its max_len, or config.data.max_len where that is 0,
+  minus M, plus 1. An error names the field that leaves no room (`where`: the
+  block's config path, e.g. "config.stage2.data")."""
+  own = int(block.get("max_len") or 0)
+  name = f"{where}.max_len" if where else "the data block's max_len"
+  max_len, field = (own, name) if own else (int(config.data.max_len), "config.data.max_len")
+  num_queries = int(config.model.query.num_queries)
+  if max_len - num_queries + 1 < 2:
+    raise ValueError(f"{field}={max_len} leaves no room for text after {num_queries} "
+                     f"visual tokens")
+  return max_len - num_queries + 1
+
+
 def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0.03,
                 accum_steps=1, clip_norm=0.0):
   """One stage of the recipe: data, optimizer groups and the m distribution."""

@@ -30,6 +30,7 @@ import time
 
 from data import prepare
 from data import synthetic
+from mqt import config_lib
 from mqt import flops as flops_lib
 from mqt import inference
 from mqt import matryoshka
@@ -163,7 +164,7 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
   loaded = inference.load(config, workdir, checkpoint)
   tok = loaded.tokenizer
   gcfg = config.eval.generation
-  max_text = int(config.data.max_len) - num_queries + 1
+  max_text = config_lib.max_text_len(config, config.eval.data, "config.eval.data")
   prompts = {}
   for name, qs in benches.items():
     prompts[name] = [inference.encode_prompt(q.prompt, tok, q.image is not None, loaded.template)
@@ -171,8 +172,9 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
     for q, p in zip(qs, prompts[name]):
       if len(p) > max_text:
         raise ValueError(f"benchmark {name}, question {q.qid}: the prompt has {len(p)} tokens, "
-                         f"more than the {max_text} that config.data.max_len="
-                         f"{config.data.max_len} leaves beside {num_queries} visual tokens")
+                         f"more than the {max_text} that the evaluation's sequence length "
+                         f"(config.eval.data.max_len, else config.data.max_len) leaves "
+                         f"beside {num_queries} visual tokens")
   text_len = min(_round_up(max(len(p) for ps in prompts.values() for p in ps)), max_text)
   bsz = int(gcfg.batch_size)
   sampling = inference.sampling_config(gcfg, tok)

@@ -27,6 +27,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mqt import checkpoint as ckpt_lib
+from mqt import config_lib
 from mqt import convert
 from mqt import matryoshka
 from mqt import metrics as metrics_lib
@@ -134,15 +135,11 @@ def tokenizer_path(config, data_cfg, workdir: str) -> str:
   return config.tokenizer_path
 
 
-def pipeline_config(config, d, model_cfg: ModelConfig, workdir: str, *, train: bool):
+def pipeline_config(config, d, model_cfg: ModelConfig, workdir: str, *, train: bool,
+                    where: str = ""):
   """A data block -> data.pipeline.PipelineConfig (eval: one ordered pass, fail on errors)."""
   from data import pipeline  # pylint: disable=import-outside-toplevel
-  max_len, field = ((d.max_len, "the data block's max_len") if d.get("max_len") else
-                    (config.data.max_len, "config.data.max_len"))
-  max_text_len = max_len - model_cfg.query.num_queries + 1
-  if max_text_len < 2:
-    raise ValueError(f"{field}={max_len} leaves no room for text after "
-                     f"{model_cfg.query.num_queries} visual tokens")
+  max_text_len = config_lib.max_text_len(config, d, where)
   tok_path = tokenizer_path(config, d, workdir)
   from data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   vocab = tokenizer_lib.Tokenizer.load(tok_path).vocab_size
@@ -162,16 +159,28 @@ def pipeline_config(config, d, model_cfg: ModelConfig, workdir: str, *, train: b
 # ---------------------------------------------------------------------------
 # State.
 
-def _random_params(seed, model_cfg, model, shardings):
+def _matching(tree, pattern: str):
+  """The sub-tree of leaves whose "component/.../leaf" path matches `pattern`."""
+  rx = re.compile(pattern)
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if rx.search(k)}, sep="/")
+
+
+def _random_params(seed, model_cfg, model, shardings, only: str = ""):
+  """A random init, created sharded; `only` (a regex over parameter paths): just those
+  leaves (the jitted init computes nothing else)."""
   images, ids, mask = dummy_inputs(model_cfg)
-  init = lambda key: nn.unbox(model.init(key, images, ids, mask,
-                                         model_cfg.query.num_queries))["params"]
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  def init(key):
+    params = nn.unbox(model.init(key, images, ids, mask, model_cfg.query.num_queries))["params"]
+    return _matching(params, only) if only else params
+  out = _matching(shardings, only) if only else shardings
+  return jax.jit(init, out_shardings=out)(jax.random.key(seed))
 
 
 def reinit_params(params, pattern: str, fresh, name: str = "stage"):
   """`params` with every leaf whose "component/.../leaf" path matches `pattern` taken
-  from `fresh` (a random init); a pattern that matches nothing is an error."""
+  from `fresh` (a random init of at least those leaves); a pattern that matches
+  nothing is an error."""
   rx = re.compile(pattern)
   flat = traverse_util.flatten_dict(params, sep="/")
   new = traverse_util.flatten_dict(fresh, sep="/")
@@ -244,7 +253,8 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
 
   source = open_source(config, stage_cfg.data, workdir)
   from data import pipeline  # pylint: disable=import-outside-toplevel
-  pcfg = pipeline_config(config, stage_cfg.data, model_cfg, workdir, train=True)
+  pcfg = pipeline_config(config, stage_cfg.data, model_cfg, workdir, train=True,
+                         where=f"config.{name}.data")
   dataset = pipeline.make_dataset(source, pcfg)
   it = iter(dataset)
 
@@ -260,7 +270,7 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
     if init_params is not None and stage_cfg.get("reinit"):
       params = reinit_params(params, stage_cfg.reinit,
                              _random_params(config.seed + int(name[-1]), model_cfg, model,
-                                            p_shard), name)
+                                            p_shard, only=stage_cfg.reinit), name)
     params = jax.device_put(params, p_shard)
     state = jax.jit(make_state, out_shardings=state_shardings)(params)
 
@@ -369,7 +379,8 @@ def evaluate(config, params, model_cfg: ModelConfig, mesh, ms, workdir: str) -> 
   """-> {"accuracy": {type: {m: acc}}, "loss": {m: loss}, "count": {type: n}}."""
   from data import pipeline  # pylint: disable=import-outside-toplevel
   source = open_source(config, config.eval.data, workdir)
-  pcfg = pipeline_config(config, config.eval.data, model_cfg, workdir, train=False)
+  pcfg = pipeline_config(config, config.eval.data, model_cfg, workdir, train=False,
+                         where="config.eval.data")
   model = MQTLLaVA(model_cfg)
   step = jax.jit(make_eval_step(model))
   batches = list(pipeline.make_dataset(source, pcfg))

@@ -83,6 +83,9 @@ def test_each_data_block_may_set_its_own_max_len(tmp_path):
   config.stage2.data.max_len = m  # One text slot: not even BOS and the placeholder.
   with pytest.raises(ValueError, match=f"the data block's max_len={m} leaves no room"):
     got(config.stage2.data)
+  with pytest.raises(ValueError, match=f"config.stage2.data.max_len={m} leaves no room"):
+    train.pipeline_config(config, config.stage2.data, cfg, str(tmp_path), train=True,
+                          where="config.stage2.data")
   config.stage2.data.max_len, config.data.max_len = 0, m - 1
   with pytest.raises(ValueError, match=rf"config.data.max_len={m - 1} leaves no room"):
     got(config.stage2.data)

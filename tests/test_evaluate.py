@@ -123,6 +123,11 @@ def test_a_prompt_too_long_is_named(trained, tmp_path):
   with pytest.raises(ValueError, match=r"benchmark synthetic, question eval_0: the prompt has "
                      r"\d+ tokens, more than the 8"):
     evaluate.sweep(short, workdir, [4], ["synthetic"], str(tmp_path / "b"))
+  # The evaluation's own sequence length wins over config.data.max_len.
+  short.data.max_len, short.eval.data.max_len = 2048, 16
+  with pytest.raises(ValueError, match=r"question eval_0: the prompt has \d+ tokens, more than "
+                     r"the 8 .*config.eval.data.max_len"):
+    evaluate.sweep(short, workdir, [4], ["synthetic"], str(tmp_path / "c"))
 
 
 def test_answers_do_not_depend_on_batch_mates(trained):

@@ -131,6 +131,11 @@ def test_stage2_reinit_starts_the_matching_parameters_afresh(tmp_path):
     shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh, rules)
     fresh = flat(train._random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
                                       shardings))
+    part = flat(train._random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
+                                     shardings, only="^llm/"))
+  assert set(part) == {k for k in fresh if k.startswith("llm/")} and part
+  for path, value in part.items():  # The partial init is the same draw as the full one.
+    np.testing.assert_array_equal(value, fresh[path], err_msg=path)
   for path in one:
     if path.startswith("llm/"):
       np.testing.assert_array_equal(two[path], fresh[path], err_msg=path)
