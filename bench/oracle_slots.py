@@ -1,18 +1,21 @@
 r"""Stage 2 with perfect vision: how fast the tiny LLM alone learns each question type.
 
-  python -m bench.oracle_slots                       # the default's LLM, 800 steps
+  python -m bench.oracle_slots                       # the earlier default's stage 2
   python -m bench.oracle_slots --steps=3000 --eval_every=500
+  python -m bench.oracle_slots --template=qa --split_rounds --steps=1000   # today's
 
 The image is replaced by 9 "oracle" slot embeddings, one per grid cell in
 reading order, each the sum of learned embeddings of the cell and of the
 shape, colour and size of the object there (or "empty"). The LLM (configs/tiny.py's
-shape, from scratch) then trains on the built-in instruct conversations exactly
-as stage 2 does (vicuna_v1 template, loss on the answers, AdamW with the stage-2
-optimizer settings) and is scored on the held-out questions (teacher-forced,
-whole answer right), per question type and subtype. Whatever this LLM cannot
-learn here, it cannot learn from the query transformer's latents either: it
-separates what the language model can learn in a budget from what the vision
-side gives it. No images are rendered; the tokenizer is the built-in one
+shape, from scratch) then trains on the built-in instruct conversations as a
+stage 2 does (loss on the answers, AdamW with the stage-2 optimizer settings):
+by default as the earlier default did (vicuna_v1, whole conversations, image
+first), with `--template=qa --split_rounds` as configs/tiny.py's stage 2 does now
+(one question per sample, the image after it). It is scored on the held-out
+questions (teacher-forced, whole answer right), per question type and subtype.
+Whatever this LLM cannot learn here, it cannot learn from the query
+transformer's latents either: it separates what the language model can learn in
+a budget from what the vision side gives it. No images are rendered; the tokenizer is the built-in one
 (trained on first use into --workdir).
 
   python -m bench.oracle_slots --latents_from=/tmp/mqt_tiny/stage1/checkpoints
@@ -48,15 +51,21 @@ from mqt.decoder import LlamaDecoder
 from mqt.model import IGNORE, ModelConfig, MQTLLaVA, attention_mask
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
-_STEPS = flags.DEFINE_integer("steps", 800, "Training steps (the default's stage 2: 800).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Conversations per step.")
+_STEPS = flags.DEFINE_integer("steps", 800, "Training steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Samples per step.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (warmup, then cosine to 0).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "LLM layers (0: configs/tiny.py's).")
 _N_TRAIN = flags.DEFINE_integer("n_train", 0, "Instruct conversations to draw from "
                                  "(0: as many as the built-in set has).")
 _SYSTEM = flags.DEFINE_bool("system_prompt", True, "Keep vicuna_v1's system prompt.")
+_TEMPLATE = flags.DEFINE_enum("template", "vicuna_v1", ["vicuna_v1", "qa"],
+                              "Conversation template (qa: the default's stage 2, the image "
+                              "after the question).")
+_SPLIT = flags.DEFINE_bool("split_rounds", False, "One sample per question round (the "
+                           "default's stage 2), not one per conversation.")
 _TYPES = flags.DEFINE_list("types", [], "Train only on conversations that open with these "
-                           "question types (default: all).")
+                           "question types (with --split_rounds: questions of these types; "
+                           "default: all).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Score the held-out split every N steps.")
 _LATENTS = flags.DEFINE_string("latents_from", "", "A configs/tiny.py checkpoint directory: "
                                "its latents replace the oracle slots.")
@@ -85,22 +94,40 @@ def _system_length(tok, ids) -> int:
   raise ValueError(f"no system prompt at the start of {tok.decode(ids[:80])!r}")
 
 
+def _samples(seed: int, split: str, n: int, split_rounds: bool):
+  """-> (record index, scene, conversation, type, subtype, type to filter on) per sample
+  of records 0..n-1: with `split_rounds` one sample per question round, its image
+  moved into it (as data.sources.RoundsSource does); else one per record (type: the
+  record's, "multi" for several questions; filtered on its first question's type)."""
+  for i in range(n):
+    rec, scene = synthetic.sample(seed, split, i)
+    multi = rec["type"] == "multi"
+    kinds = list(zip(rec["types"], rec["subtypes"])) if multi else [(rec["type"],
+                                                                      rec.get("subtype"))]
+    if not split_rounds:
+      yield i, scene, rec["conversations"], rec["type"], rec.get("subtype"), kinds[0][0]
+      continue
+    for k, (t, sub) in enumerate(kinds):
+      yield (i, scene, templates.one_round(rec["conversations"], k, scene is not None), t, sub,
+             t)
+
+
 def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True,
-           latent_slots: int = 0):
+           latent_slots: int = 0, template: str = "vicuna_v1", split_rounds: bool = False):
   """-> (ids [N, L], labels [N, L], slots [N, L, 4] (-1: a text position), names [N]).
 
   The image placeholder becomes 9 slot positions (ids 0, no loss), each holding
   `slot_features`; with `latent_slots` = M instead M positions holding (latent
-  index, sample index, 0, 0)."""
+  index, sample index, 0, 0). `template` is one of data.templates' (the image where
+  it puts it); `system_prompt` False drops vicuna_v1's system prompt; `split_rounds`
+  makes one sample per question, as the default's stage 2 does."""
   n_slots = latent_slots or CELLS
   rows, cut = [], None
-  for i in range(n):
-    rec, scene = synthetic.sample(seed, split, i)
-    first = rec["types"][0] if rec["type"] == "multi" else rec["type"]
+  for i, scene, conv, kind, subtype, first in _samples(seed, split, n, split_rounds):
     if types and first not in types:
       continue
-    ids, labels = templates.encode_conversation(rec["conversations"], tok, "vicuna_v1",
-                                                scene is not None, rec["id"])
+    ids, labels = templates.encode_conversation(conv, tok, template, scene is not None,
+                                                f"{split}_{i}")
     slots = np.full((len(ids) + n_slots, 4), -1, np.int32)
     if scene is not None:
       k = ids.index(templates.IMAGE_TOKEN_ID)
@@ -111,15 +138,13 @@ def encode(tok, seed: int, split: str, n: int, types=(), system_prompt=True,
       else:
         slots[k:k + n_slots] = slot_features(scene)
     slots = slots[:len(ids)]
-    if not system_prompt:  # Keep BOS, then from "USER:" on.
+    if template == "vicuna_v1" and not system_prompt:  # Keep BOS, then from "USER:" on.
       cut = cut or _system_length(tok, ids)
       if tok.decode(ids[1:1 + cut]).strip() != templates.SYSTEM:
-        raise ValueError(f"sample {rec['id']}: the system prompt is not its first {cut} tokens")
+        raise ValueError(f"sample {split}_{i}: the system prompt is not its first {cut} tokens")
       ids, labels = ids[:1] + ids[1 + cut:], labels[:1] + labels[1 + cut:]
       slots = np.concatenate([slots[:1], slots[1 + cut:]])
-    name = rec["type"]
-    if rec["type"] in ("choice", "colour", "short"):
-      name += "/" + rec["subtype"]
+    name = kind + (f"/{subtype}" if kind in ("choice", "colour", "short") else "")
     rows.append((ids, labels, slots, name))
   length = -(-max(len(r[0]) for r in rows) // 16) * 16
   ids = np.zeros((len(rows), length), np.int32)
@@ -166,14 +191,15 @@ def main(argv):
   seed, sizes = config.data.builtin_seed, config.data.builtin_sizes
   n_train = _N_TRAIN.value or sizes.instruct
   m = config.model.query.num_queries if _LATENTS.value else 0
-  train = encode(tok, seed, "instruct", n_train, _TYPES.value, _SYSTEM.value, m)
-  held = encode(tok, seed, "eval", sizes.eval, (), _SYSTEM.value, m)
+  train = encode(tok, seed, "instruct", n_train, _TYPES.value, _SYSTEM.value, m,
+                 _TEMPLATE.value, _SPLIT.value)
+  held = encode(tok, seed, "eval", sizes.eval, (), _SYSTEM.value, m, _TEMPLATE.value)
   if _LATENTS.value:  # Per split: [samples, M, D], indexed by the slots' sample column.
     latents = model_latents(_LATENTS.value, config, seed,
                             (("instruct", n_train), ("eval", sizes.eval)))
   else:
     latents = [np.zeros((1, 1, llm_cfg.width), np.float32)] * 2
-  print(f"train {train[0].shape[0]} conversations, held-out {held[0].shape[0]} questions, "
+  print(f"train {train[0].shape[0]} samples, held-out {held[0].shape[0]} questions, "
         f"length {train[0].shape[1]}", flush=True)
 
   model = LlamaDecoder(llm_cfg)
@@ -255,8 +281,8 @@ def main(argv):
   out = os.path.join(_WORKDIR.value, "oracle_slots.json")
   with open(out, "w") as f:
     json.dump({"flags": {k: getattr(flags.FLAGS, k) for k in (
-        "steps", "batch_size", "lr", "depth", "n_train", "system_prompt", "types", "init_seed",
-        "latents_from")},
+        "steps", "batch_size", "lr", "depth", "n_train", "system_prompt", "template",
+        "split_rounds", "types", "init_seed", "latents_from")},
                "history": history}, f, indent=1)
   print("per subtype at the end:", json.dumps(history[-1]), f"\nwritten {out}", flush=True)
 

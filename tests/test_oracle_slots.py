@@ -43,3 +43,34 @@ def test_latent_mode_points_each_slot_at_its_latent_and_sample(tok):
     assert len(where) == 16 and np.all(np.diff(where) == 1)
     assert list(slots[r, where, 0]) == list(range(16)) and np.all(slots[r, where, 1] == r)
     assert np.all(labels[r, where] == oracle_slots.IGNORE)
+
+
+def test_qa_split_rounds_gives_one_question_per_sample_with_the_slots_after_it(tok):
+  """--template=qa --split_rounds: the layout of configs/tiny.py's stage 2."""
+  n = 10
+  ids, labels, slots, names = oracle_slots.encode(tok, 0, "instruct", n, (), True,
+                                                  template="qa", split_rounds=True)
+  rounds = []
+  for i in range(n):
+    rec, scene = S.sample(0, "instruct", i)
+    conv = rec["conversations"]
+    kinds = rec["types"] if rec["type"] == "multi" else [rec["type"]]
+    rounds += [(conv[2 * k]["value"], conv[2 * k + 1]["value"], kinds[k], scene)
+               for k in range(len(conv) // 2)]
+  assert len(names) == len(rounds) > n  # Some records hold several questions.
+  for r, (question, answer, kind, scene) in enumerate(rounds):
+    assert names[r].split("/")[0] == kind
+    answer_ids = [t for t in labels[r] if t != oracle_slots.IGNORE]
+    assert tok.decode(answer_ids).strip() == answer
+    where = np.flatnonzero(slots[r, :, 0] >= 0)
+    if scene is None:
+      assert len(where) == 0
+      continue
+    assert len(where) == oracle_slots.CELLS and np.all(np.diff(where) == 1)
+    before = tok.decode([t for t in ids[r, :where[0]] if t > 0])
+    after = tok.decode([t for t in ids[r, where[-1] + 1:] if t > 0])
+    assert before.strip() == "USER: " + question.replace("<image>", "").strip()
+    assert after.startswith("ASSISTANT:") and after.strip().endswith(answer)
+  kinds = oracle_slots.encode(tok, 0, "instruct", n, ("colour",), True, template="qa",
+                              split_rounds=True)[3]
+  assert kinds and all(k.startswith("colour/") for k in kinds)
