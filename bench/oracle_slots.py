@@ -15,8 +15,9 @@ first), with `--template=qa --split_rounds` as configs/tiny.py's stage 2 does no
 questions (teacher-forced, whole answer right), per question type and subtype.
 Whatever this LLM cannot learn here, it cannot learn from the query
 transformer's latents either: it separates what the language model can learn in
-a budget from what the vision side gives it. No images are rendered; the tokenizer is the built-in one
-(trained on first use into --workdir).
+a budget from what the vision side gives it. No images are rendered; the
+tokenizer is the built-in one (trained on first use into --workdir). The
+held-out questions are single-round, so --split_rounds changes only training.
 
   python -m bench.oracle_slots --latents_from=/tmp/mqt_tiny/stage1/checkpoints
 
