@@ -4,10 +4,10 @@ Reproduces the official LLaVA preprocessing (SPEC section 4) without its
 silent masking. A third template, `qa`, is ours, for small models trained from
 scratch (configs/tiny.py): no system prompt, and the image placeholder after the
 first question instead of before it ("USER: {q}<image>ASSISTANT: {a}</s>"),
-so that the visual tokens can attend to the question. The prompt text is split at `<image>`; each chunk is
-tokenized on its own (BOS only at the very start; the chunk after the image
-starts with the dummy-prefix "▁" before its "\\n") and `IMAGE_TOKEN_ID` goes
-between. Labels cover exactly each answer and its `</s>` (vicuna_v1) or the
+so that the visual tokens can attend to the question. The prompt text is split
+at `<image>`; each chunk is tokenized on its own (BOS only at the very start;
+the chunk after the image starts with the dummy-prefix "▁" before its "\\n")
+and `IMAGE_TOKEN_ID` goes between. Labels cover exactly each answer and its `</s>` (vicuna_v1) or the
 caption and its "\\n" (plain); everything else is `IGNORE_INDEX`.
 
 The ids are built segment by segment, so the answer spans are known by

@@ -181,15 +181,13 @@ def reinit_params(params, pattern: str, fresh, name: str = "stage"):
   """`params` with every leaf whose "component/.../leaf" path matches `pattern` taken
   from `fresh` (a random init of at least those leaves); a pattern that matches
   nothing is an error."""
-  rx = re.compile(pattern)
-  flat = traverse_util.flatten_dict(params, sep="/")
-  new = traverse_util.flatten_dict(fresh, sep="/")
-  hits = [k for k in flat if rx.search(k)]
+  hits = traverse_util.flatten_dict(_matching(params, pattern), sep="/")
   if not hits:
     raise ValueError(f"{name}.reinit={pattern!r} matches no parameter")
   logging.info("%s: %d parameter arrays start fresh (%s)", name, len(hits), pattern)
-  return traverse_util.unflatten_dict({k: new[k] if k in hits else v for k, v in flat.items()},
-                                      sep="/")
+  new = traverse_util.flatten_dict(fresh, sep="/")
+  return traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(params, sep="/"), **{k: new[k] for k in hits}}, sep="/")
 
 
 def fresh_params(config, model_cfg, model, shardings):
