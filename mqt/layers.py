@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = Any
@@ -87,3 +88,21 @@ def remat_policy(name: str):
     raise ValueError(f"unknown remat_policy {name!r}; choose one of "
                      f"{['none', *policies]}")
   return policies[name]
+
+
+def sincos_2d(dim: int, grid: int) -> np.ndarray:
+  """MAE 2-D sin-cos table [grid*grid, dim], raster order (row*grid + col).
+
+  Channels: [sin(col w), cos(col w), sin(row w), cos(row w)] with
+  w_k = 10000^(-k / (dim/4)). Rounded through float16 as the official code
+  creates it.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos width {dim} must be divisible by 4")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  def half(p):
+    ang = p.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
+  table = np.concatenate([half(cols), half(rows)], axis=1)
+  return table.astype(np.float16).astype(np.float32)

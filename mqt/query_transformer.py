@@ -73,24 +73,6 @@ class QueryConfig:
 # --------------------------------------------------------------------------
 # Fixed tables.
 
-def sincos_2d(dim: int, grid: int) -> np.ndarray:
-  """MAE 2-D sin-cos table [grid*grid, dim], raster order (row*grid + col).
-
-  Channels: [sin(col w), cos(col w), sin(row w), cos(row w)] with
-  w_k = 10000^(-k / (dim/4)). Rounded through float16 as the official code
-  creates it.
-  """
-  if dim % 4:
-    raise ValueError(f"sin-cos width {dim} must be divisible by 4")
-  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-  def half(p):
-    ang = p.reshape(-1)[:, None] * omega[None]
-    return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
-  table = np.concatenate([half(cols), half(rows)], axis=1)
-  return table.astype(np.float16).astype(np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   """[out, in] matrix equal to torch `F.interpolate(mode="bicubic",
@@ -178,7 +160,7 @@ class _Latents(nn.Module):
     query = self.param("query", layers.logical(nn.initializers.truncated_normal(0.02),
                                                ("latents", "embed")),
                        (c.num_queries, c.width), c.param_dtype)
-    table = sincos_2d(c.width, c.grid)
+    table = layers.sincos_2d(c.width, c.grid)
     pos = self.param("pos_embed", layers.logical(lambda *_: jnp.asarray(table),
                                                  ("latents", "embed")),
                      (c.num_queries, c.width), c.param_dtype)
@@ -210,7 +192,7 @@ class OfficialQueryTransformer(nn.Module):
       if n != c.num_queries or c.num_queries != p:
         raise ValueError(f"spatial_init_gap needs as many latents as patches; got M="
                          f"{c.num_queries} latents (n={n}) and {p} patches")
-      kernel = grid_position_kernel(sincos_2d(c.width, c.grid), c.heads,
+      kernel = grid_position_kernel(layers.sincos_2d(c.width, c.grid), c.heads,
                                        c.spatial_init_gap, c.ln_eps)  # pos16's init value.
       init = lambda _, shape, dtype: jnp.asarray(kernel, dtype)
     elif c.spatial_init and self.is_initializing():

@@ -30,6 +30,12 @@ class VisionConfig:
   channels: int = 3
   select_layer: int = -2  # Index into HF `hidden_states` (0 = embeddings).
   keep_cls: bool = False  # LLaVA's "patch" feature drops the class token.
+  # How `position_embedding` starts (it is learnt either way, and imported
+  # weights replace it): "normal" (CLIP's std 0.02) or "sincos2d" (MAE's 2-D
+  # sine / cosine table of the patch's row and column at unit scale,
+  # `layers.sincos_2d`; the class token's row zero), for a tower trained from
+  # scratch whose features must say where each patch is (configs/tiny.py).
+  posemb_init: str = "normal"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -45,6 +51,18 @@ class VisionConfig:
       raise ValueError(f"select_layer={self.select_layer} is outside a "
                        f"{self.depth}-block tower")
     return idx
+
+
+def _posemb_init(c: "VisionConfig"):
+  if c.posemb_init == "normal":
+    return nn.initializers.normal(0.02)
+  if c.posemb_init == "sincos2d":
+    def init(key, shape, dtype=jnp.float32):
+      del key, shape  # [1 + grid * grid, width]: the class token's row, then the patches'.
+      table = layers.sincos_2d(c.width, c.grid)
+      return jnp.concatenate([jnp.zeros((1, c.width)), jnp.asarray(table)]).astype(dtype)
+    return init
+  raise ValueError(f"unknown posemb_init {c.posemb_init!r}; known: 'normal', 'sincos2d'")
 
 
 class VisionBlock(nn.Module):
@@ -87,8 +105,7 @@ class VisionTower(nn.Module):
     x = x.reshape(b, -1, c.width)
     cls = self.param("class_embedding", layers.logical(nn.initializers.normal(0.02), ("embed",)),
                      (c.width,), c.param_dtype)
-    pos = self.param("position_embedding",
-                     layers.logical(nn.initializers.normal(0.02), (None, "embed")),
+    pos = self.param("position_embedding", layers.logical(_posemb_init(c), (None, "embed")),
                      (x.shape[1] + 1, c.width), c.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(c.dtype), (b, 1, c.width)), x], axis=1)
     x = x + pos.astype(c.dtype)[None]

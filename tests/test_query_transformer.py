@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from flax import linen as nn
 
 from mqt import convert
+from mqt import layers
 from mqt import query_transformer as qt
 from tests import torch_reference as ref
 
@@ -32,7 +33,7 @@ def test_bicubic_matrix_equals_torch(n_in, n_out):
 def test_sincos_layout():
   """Channels [sin(col w), cos(col w), sin(row w), cos(row w)], raster index row*g+col."""
   dim, g = 16, 5
-  table = qt.sincos_2d(dim, g)
+  table = layers.sincos_2d(dim, g)
   w = 10000.0 ** (-np.arange(dim // 4) / (dim // 4))
   for row, col in [(0, 0), (1, 3), (4, 2)]:
     want = np.concatenate([np.sin(col * w), np.cos(col * w), np.sin(row * w), np.cos(row * w)])
