@@ -16,8 +16,9 @@ the background alone.
 
 What it is for: a question about where things are ("Is the red circle to the
 left or right of the blue square?", "Which column is the cross in?") needs the
-place in the token's content. The LLM's rotary positions only weight attention;
-the values it reads carry no position. The configs/tiny.py stage-1 checkpoint
+place either in the token's content, which this measures, or in where the token
+sits in the sequence, which the LLM's rotary positions can only use through its
+attention pattern (the values it reads carry no position). The configs/tiny.py stage-1 checkpoint
 (position embeddings drawn with CLIP's std 0.02) gives column 0.45 and cell
 0.24 from the tokens of occupied cells (chance 0.33 and 0.11); trained with
 `--config.model.vision.posemb_init=sincos2d`, 0.93 and 0.58 (README). Prints a

@@ -47,7 +47,9 @@ scratch, its tokens then barely say where they are (bench/latent_probe.py on the
 stage-1 checkpoint: an object's column 0.45 from its visual token, chance 0.33;
 the row 0.49 comes mostly from the background's vertical gradient);
 `vision.posemb_init="sincos2d"` makes it 0.93, but stage 2 learnt no more from
-that (position still at chance; colour and exist lower in the one run).
+that (position still at chance; colour and exist lower in the one run), and
+position questions alone teach a fresh LLM to read position from either
+tower's latents equally slowly (README, "What is still open").
 """
 import ml_collections
 
