@@ -17,12 +17,12 @@ the background alone.
 What it is for: a question about where things are ("Is the red circle to the
 left or right of the blue square?", "Which column is the cross in?") needs the
 place either in the token's content, which this measures, or in where the token
-sits in the sequence, which the LLM's rotary positions can only use through its
-attention pattern (the values it reads carry no position). The configs/tiny.py stage-1 checkpoint
-(position embeddings drawn with CLIP's std 0.02) gives column 0.45 and cell
-0.24 from the tokens of occupied cells (chance 0.33 and 0.11); trained with
-`--config.model.vision.posemb_init=sincos2d`, 0.93 and 0.58 (README). Prints a
-table; --out writes it as JSON.
+sits in the sequence, which the LLM's rotary positions can use only through its
+attention pattern (the values it reads carry no position). The configs/tiny.py
+stage-1 checkpoint (position embeddings drawn with CLIP's std 0.02) gives
+column 0.45 and cell 0.24 from the tokens of occupied cells (chance 0.33 and
+0.11); trained with `--config.model.vision.posemb_init=sincos2d`, 0.93 and 0.58
+(README). Prints a table; --out writes it as JSON.
 """
 import json
 
@@ -96,7 +96,7 @@ def token_features(model_cfg: ModelConfig, params, scenes, batch: int = 250):
                        for sc in scenes[start:start + batch]])
     t, p = run(params, jnp.asarray(pixels))
     tokens.append(np.asarray(t, np.float32)[:, :m])
-    patches.append(np.asarray(p, np.float32))
+    patches.append(np.asarray(p, np.float32)[:, -m:])  # Without the class token, if kept.
   return np.concatenate(tokens), np.concatenate(patches)
 
 
