@@ -16,7 +16,9 @@ prepares its built-in data in its own workdir, so runs never race on a folder.
 Prints a line as each run ends and then a table of accuracy per question type
 at the largest and smallest evaluated m, from each run's summary.json; writes
 <root>/results.json. A run that fails is reported with the end of its log, and
-the sweep exits non-zero.
+the sweep exits non-zero. Run it from the repository root. A second sweep over
+the same --root continues each run from its checkpoints (train.py resumes from
+its workdir); give a new --root for fresh runs.
 """
 import functools
 import json
