@@ -8,7 +8,7 @@ sweep.json maps a run name to its overrides, e.g.
    "depth4": ["--config.model.llm.depth=4"],
    "depth4_4k": ["--config.model.llm.depth=4", "--config.stage2.steps=4000"]}
 
-Each run is `python train.py --config=<--config> --workdir=<root>/<name>` plus
+Each run is `python train.py --config=<--train_config> --workdir=<root>/<name>` plus
 --shared overrides (every run) and its own, its output in <root>/<name>.log.
 At most --parallel run at once: on a GPU machine several tiny runs share the
 card (eight configs/tiny.py runs on one H200 went at ~30 steps/s each). Every run
@@ -33,7 +33,8 @@ from absl import flags
 _SPEC = flags.DEFINE_string("spec", None, "JSON file: run name -> list of overrides.")
 _ROOT = flags.DEFINE_string("root", "/tmp/mqt_sweep", "Workdirs, logs and results.json go here.")
 _PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at once.")
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "The config every run starts from.")
+_CONFIG = flags.DEFINE_string("train_config", "configs/tiny.py", "The config file every run "
+                              "starts from (train.py --config).")
 _SHARED = flags.DEFINE_multi_string("shared", [], "An override for every run (repeat the "
                                     "flag for more), e.g. --shared=--config.checkpoint.every=5000")
 
