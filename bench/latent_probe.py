@@ -86,10 +86,11 @@ def scene_labels(scenes, grid: int) -> dict:
 def token_features(model_cfg: ModelConfig, params, scenes, batch: int = 250):
   """-> (visual tokens [n, M, D_llm], patch features [n, P, D_vision]) at m = M."""
   size, m = model_cfg.vision.image_size, model_cfg.query.num_queries
+  def both(mod, images):  # embed_image's path, keeping the tower's output on the way.
+    feats = mod.vision(images)
+    return mod.query(feats, m)[0], feats
   model = MQTLLaVA(model_cfg)
-  run = jax.jit(lambda p, x: (
-      model.apply({"params": p}, x, m, method=MQTLLaVA.embed_image)[0],
-      model.apply({"params": p}, x, method=lambda mod, im: mod.vision(im))))
+  run = jax.jit(lambda p, x: model.apply({"params": p}, x, method=both))
   tokens, patches = [], []
   for start in range(0, len(scenes), batch):
     pixels = np.stack([images_lib.preprocess(synthetic.render(sc, size), size, "pad")

@@ -7,8 +7,9 @@ first question instead of before it ("USER: {q}<image>ASSISTANT: {a}</s>"),
 so that the visual tokens can attend to the question. The prompt text is split
 at `<image>`; each chunk is tokenized on its own (BOS only at the very start;
 the chunk after the image starts with the dummy-prefix "▁" before its "\\n")
-and `IMAGE_TOKEN_ID` goes between. Labels cover exactly each answer and its `</s>` (vicuna_v1) or the
-caption and its "\\n" (plain); everything else is `IGNORE_INDEX`.
+and `IMAGE_TOKEN_ID` goes between. Labels cover exactly each answer and its
+`</s>` (vicuna_v1) or the caption and its "\\n" (plain); everything else is
+`IGNORE_INDEX`.
 
 The ids are built segment by segment, so the answer spans are known by
 construction: a segment boundary is either a special token or sits right
