@@ -6,7 +6,9 @@ r"""Evaluate a trained MQT-LLaVA at several m: accuracy, FLOPs, latency, plots.
       --benchmarks=pope,gqa --config.eval.benchmarks.pope.folder=/data/pope \
       --config.eval.benchmarks.pope.image_folder=/data/coco/val2014 ...
 
-Use the same --config (and overrides) the model was trained with. Writes
+Use the same --config (and overrides) the model was trained with. The memory a
+run at the largest m needs is printed before any weight is read, and a run that
+cannot fit stops there; --dry_run prints it and stops (no data or weights read). Writes
 results.json / results.csv / predictions / accuracy_vs_m.png /
 accuracy_vs_flops.png under --out_dir (default <workdir>/eval).
 """
@@ -38,11 +40,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   cli.start(argv)
-  config = _CONFIG.value
+  config = cli.apply_param_dtype(_CONFIG.value)
   ms = [int(m) for m in (_MS.value or config.eval.ms)]
   out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
   evaluate.sweep(config, _WORKDIR.value, ms, _BENCHMARKS.value, out_dir,
-                 checkpoint=_CHECKPOINT.value, limit=_LIMIT.value)
+                 checkpoint=_CHECKPOINT.value, limit=_LIMIT.value, dry_run=cli.DRY_RUN.value)
 
 
 if __name__ == "__main__":

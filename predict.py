@@ -4,7 +4,9 @@ r"""Answer a question about images with a trained MQT-LLaVA at a chosen m.
       --image=photo.png --prompt="What color is the circle?"
 
 --m is required (1 <= m <= M): there is no silent default. Several --image
-flags answer the same prompt for each image in one batch.
+flags answer the same prompt for each image in one batch. The memory the run
+needs is printed before any weight is read; a run that cannot fit stops there.
+--dry_run prints it and stops (no weights or images are read).
 """
 from absl import app
 from absl import flags
@@ -30,18 +32,28 @@ flags.mark_flags_as_required(["config", "workdir", "image", "prompt", "m"])
 
 def main(argv):
   cli.start(argv)
-  config = _CONFIG.value
-  m = matryoshka.validate_m(_M.value, int(config.model.query.num_queries))
+  config = cli.apply_param_dtype(_CONFIG.value)
+  dry_run = cli.DRY_RUN.value
   gen_cfg = config.eval.generation.copy_and_resolve_references()
   with gen_cfg.unlocked():
     for key, flag in (("max_new_tokens", _MAX_NEW), ("temperature", _TEMPERATURE),
                       ("top_p", _TOP_P)):
       if flag.value is not None:
         gen_cfg[key] = flag.value
-  inference.check_images(_IMAGES.value)
-  loaded = inference.load(config, _WORKDIR.value, _CHECKPOINT.value)
-  answers = inference.answer(loaded, _IMAGES.value, [_PROMPT.value] * len(_IMAGES.value), m,
-                             gen_cfg)
+  if not dry_run:
+    inference.check_images(_IMAGES.value)
+  checkpoint, tok_path = inference.resolve_paths(config, _WORKDIR.value, _CHECKPOINT.value)
+  model_cfg = inference.model_config(config, checkpoint)
+  m = matryoshka.validate_m(_M.value, model_cfg.query.num_queries)
+  questions = [_PROMPT.value] * len(_IMAGES.value)
+  prompts, sampling = inference.encode_prompts(config, tok_path, _IMAGES.value, questions,
+                                               gen_cfg)
+  inference.plan_memory(config, model_cfg, m, len(prompts), max(map(len, prompts)), sampling,
+                        dry_run)
+  if dry_run:
+    return
+  loaded = inference.load(config, _WORKDIR.value, _CHECKPOINT.value, model_cfg)
+  answers = inference.answer(loaded, _IMAGES.value, questions, m, gen_cfg)
   for path, a in zip(_IMAGES.value, answers):
     print(f"{path}\t{a}" if len(answers) > 1 else a)
 

@@ -1,11 +1,13 @@
-"""Read HF-format tensor files lazily: safetensors (own reader, mmap) and torch .bin.
+"""Read HF-format tensor files lazily: safetensors (own reader) and torch .bin.
 
 A checkpoint is a file (`*.safetensors`, `*.bin`), an index json
-(`*.index.json`, sharded), or a directory holding one of those. Tensors are
-read one at a time, so a 7B checkpoint never sits in memory twice.
+(`*.index.json`, sharded), or a directory holding one of those. Opening one
+reads only headers. Tensors are read one at a time, each into a buffer of its
+own (`readinto` at its offset; no file stays memory-mapped, so resident memory
+holds only the tensors still referenced), so a 7B checkpoint never sits in
+memory twice.
 """
 import json
-import mmap
 import os
 import struct
 
@@ -38,12 +40,12 @@ class _SafetensorsFile:
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
       self._data_start = 8 + n
-      self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    size = os.path.getsize(path)
     header.pop("__metadata__", None)
     self.entries = header
     for key, e in header.items():
       start, end = e["data_offsets"]
-      if self._data_start + end > len(self._mm):
+      if self._data_start + end > size:
         raise CheckpointError(f"{path}: tensor {key} runs past the end of the file "
                               f"(truncated download?)")
 
@@ -55,11 +57,25 @@ class _SafetensorsFile:
     if e["dtype"] not in _DTYPES:
       raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
     start, end = e["data_offsets"]
-    buf = self._mm[self._data_start + start:self._data_start + end]
-    return np.frombuffer(buf, dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])
+    buf = np.empty(end - start, np.uint8)
+    view, got = memoryview(buf), 0
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self._data_start + start)
+      while got < len(buf):
+        n = f.readinto(view[got:])
+        if not n:
+          raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
+        got += n
+    return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 class _TorchFile:
+  """A torch `.bin` state dict, memory-mapped where the format allows (zip). Pages a
+  mapping has touched count as resident, so the mapping is dropped (and made again
+  on the next read) every `REMAP_BYTES` read through it."""
+
+  REMAP_BYTES = 1 << 30
+
   def __init__(self, path: str):
     try:
       import torch  # Only needed for pickled checkpoints.
@@ -67,17 +83,31 @@ class _TorchFile:
       raise CheckpointError(f"{path}: reading torch .bin checkpoints needs torch; "
                             f"convert it to safetensors or install torch") from None
     self.path = path
-    self._sd = torch.load(path, map_location="cpu", weights_only=True)
-    self.entries = {k: None for k in self._sd}
+    self._torch = torch
+    self._sd, self._read = self._load(), 0
+    self.entries = {k: tuple(t.shape) for k, t in self._sd.items()}
+
+  def _load(self):
+    try:  # Memory-mapped (zip format): tensors are paged in when read.
+      return self._torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # The legacy (non-zip) format cannot be mapped.
+      return self._torch.load(self.path, map_location="cpu", weights_only=True)
 
   def shape(self, key):
-    return tuple(self._sd[key].shape)
+    return self.entries[key]
 
   def get(self, key) -> np.ndarray:
+    if self._sd is None:
+      self._sd, self._read = self._load(), 0
     t = self._sd[key]
-    if str(t.dtype) == "torch.bfloat16":
-      return t.float().numpy().astype(ml_dtypes.bfloat16)
-    return t.numpy()
+    if t.dtype == self._torch.bfloat16:  # Bit-exact, through int16.
+      out = t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    else:
+      out = t.numpy().copy()
+    self._read += out.nbytes
+    if self._read > self.REMAP_BYTES:
+      self._sd = None
+    return out
 
 
 def _open_file(path: str):

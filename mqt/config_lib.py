@@ -43,6 +43,9 @@ def logical_axis_rules():
       ("vocab", "tensor"),
       ("latents", None),
       ("layers", None),
+      # Activations (layers.ACTIVATION): the batch above; positions and width whole.
+      ("length", None),
+      ("act_embed", None),
   )
 
 
@@ -146,4 +149,5 @@ def run_block(config):
           batch_size=32, max_new_tokens=16, temperature=0.0, top_p=1.0)),
       benchmarks=benchmark_paths()))
   config.distributed = False  # True on multi-host pods: jax.distributed.initialize().
+  config.device_memory_gib = 0.0  # GiB a device may hold (0: its own limit; CPU: none).
   return config

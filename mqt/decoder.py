@@ -70,6 +70,7 @@ class LlamaBlock(nn.Module):
     c = self.cfg
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     b, t, _ = x.shape
+    x = layers.constrain(x)
     h = layers.RMSNorm(c.rms_eps, name="input_layernorm", **kw)(x)
     q = layers.dense(c.heads * c.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **kw)(h)
     k = layers.dense(c.kv_heads * c.head_dim, ("embed", "kv"), use_bias=False, name="k_proj", **kw)(h)
@@ -89,7 +90,7 @@ class LlamaBlock(nn.Module):
     up = layers.dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
     x = x + layers.dense(c.width, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(
         nn.silu(gate) * up)
-    return x, new_cache
+    return layers.constrain(x), new_cache
 
 
 class LlamaDecoder(nn.Module):
@@ -118,17 +119,24 @@ class LlamaDecoder(nn.Module):
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """ids [B, T] -> [B, T, D]."""
-    return self.embed_tokens(ids)
+    return layers.constrain(self.embed_tokens(ids))
 
-  def __call__(self, embeds, positions, mask, cache=None, cache_index=0, logits_at=None):
+  def head(self, x: jax.Array) -> jax.Array:
+    """Hidden states [B, T, D] (before the final norm) -> logits [B, T, V] float32."""
+    return self.lm_head(self.norm(x)).astype(jnp.float32)
+
+  def __call__(self, embeds, positions, mask, cache=None, cache_index=0, logits_at=None,
+               return_hidden: bool = False):
     """-> (logits [B, T, V] float32, new cache or None).
 
     logits_at [B] int32: only the logits at that position of each row ([B, 1, V]),
-    so a prefill does not materialize [B, T, V].
+    so a prefill does not materialize [B, T, V]. return_hidden: the hidden states
+    [B, T, D] before the final norm instead of logits (`head` maps them to logits;
+    the train step does so a chunk of positions at a time).
     """
     if self.is_initializing():  # Create the embedding table when init runs __call__ alone.
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
-    x = embeds.astype(self.cfg.dtype)
+    x = layers.constrain(embeds.astype(self.cfg.dtype))
     if self.cfg.scan_layers:
       x, new_cache = self.layers(x, positions, mask, cache, cache_index)
     else:
@@ -140,8 +148,9 @@ class LlamaDecoder(nn.Module):
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
-    logits = self.lm_head(self.norm(x)).astype(jnp.float32)
-    return logits, new_cache
+    if return_hidden:
+      return x, new_cache
+    return self.head(x), new_cache
 
   def init_cache(self, batch: int, length: int, dtype=None):
     c = self.cfg

@@ -30,6 +30,7 @@ import time
 
 from data import prepare
 from data import synthetic
+from data import tokenizer as tokenizer_lib
 from mqt import config_lib
 from mqt import flops as flops_lib
 from mqt import inference
@@ -152,23 +153,30 @@ def _round_up(x: int, k: int = 8) -> int:
 
 
 def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
-          limit: int = 0) -> dict:
-  """Runs every benchmark at every m; writes results, predictions and plots."""
+          limit: int = 0, dry_run: bool = False) -> dict:
+  """Runs every benchmark at every m; writes results, predictions and plots. The memory
+  of the largest m is printed first, and a run that cannot fit stops before loading
+  weights; `dry_run`: only that (no data or weights read), returning the figures."""
   t_start = time.perf_counter()
-  num_queries = int(config.model.query.num_queries)
-  ms = [matryoshka.validate_m(int(m), num_queries) for m in ms]
   if not ms:
     raise ValueError("no m to evaluate: pass --ms=1,2,4,...")
-  inference.resolve_paths(config, workdir, checkpoint)  # Fails fast, before data or compute.
-  benches = load_benchmarks(config, names, workdir, limit)
-  loaded = inference.load(config, workdir, checkpoint)
-  tok = loaded.tokenizer
+  # Fails fast, before data or compute.
+  checkpoint, tok_path = inference.resolve_paths(config, workdir, checkpoint)
+  model_cfg = inference.model_config(config, checkpoint)
+  num_queries = model_cfg.query.num_queries
+  ms = [matryoshka.validate_m(int(m), num_queries) for m in ms]
   gcfg = config.eval.generation
   max_text = config_lib.max_text_len(config, config.eval.data, "config.eval.data")
+  bsz = int(gcfg.batch_size)
+  if dry_run:  # No data: the longest prompt the evaluation's sequence length allows.
+    _, sampling = inference.encode_prompts(config, tok_path, [], [], gcfg)
+    return inference.plan_memory(config, model_cfg, max(ms), bsz, max_text, sampling, True)
+  benches = load_benchmarks(config, names, workdir, limit)
+  tok = tokenizer_lib.Tokenizer.load(tok_path)
   prompts = {}
   for name, qs in benches.items():
-    prompts[name] = [inference.encode_prompt(q.prompt, tok, q.image is not None, loaded.template)
-                     for q in qs]
+    prompts[name] = [inference.encode_prompt(q.prompt, tok, q.image is not None,
+                                             config.eval.data.template) for q in qs]
     for q, p in zip(qs, prompts[name]):
       if len(p) > max_text:
         raise ValueError(f"benchmark {name}, question {q.qid}: the prompt has {len(p)} tokens, "
@@ -176,8 +184,9 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
                          f"(config.eval.data.max_len, else config.data.max_len) leaves "
                          f"beside {num_queries} visual tokens")
   text_len = min(_round_up(max(len(p) for ps in prompts.values() for p in ps)), max_text)
-  bsz = int(gcfg.batch_size)
   sampling = inference.sampling_config(gcfg, tok)
+  inference.plan_memory(config, model_cfg, max(ms), bsz, text_len, sampling, False)
+  loaded = inference.load(config, workdir, checkpoint, model_cfg)
   size = loaded.model_cfg.vision.image_size
   os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
   print(f"evaluating {', '.join(f'{n} ({len(q)})' for n, q in benches.items())} at m = "

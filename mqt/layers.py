@@ -18,8 +18,20 @@ from flax import linen as nn
 Dtype = Any
 
 
+# Logical names of a [B, T, D] activation at block boundaries: the batch on the
+# data axes (rule `batch`), positions and width whole (`length` and `act_embed`
+# map to no mesh axis; parameters' `embed` is on fsdp, which the batch holds).
+ACTIVATION = ("batch", "length", "act_embed")
+
+
 def logical(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None] = ACTIVATION) -> jax.Array:
+  """A sharding constraint by logical names; a no-op outside `nn.logical_axis_rules`
+  and a mesh (`jax.set_mesh`)."""
+  return nn.with_logical_constraint(x, tuple(names))
 
 
 def dense(features: int, names: Sequence[str | None], *, use_bias: bool,

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from mqt import layers
 from mqt.decoder import LlamaConfig, LlamaDecoder
+from mqt.sharding import unbox_abstract  # pylint: disable=unused-import  (re-exported)
 from mqt.query_transformer import QueryConfig, make_query_transformer
 from mqt.vision import VisionConfig, VisionTower
 
@@ -124,7 +126,8 @@ class MQTLLaVA(nn.Module):
     feats = self.vision(images)
     if not self.cfg.train_vision:
       feats = jax.lax.stop_gradient(feats)
-    return self.query(feats, m, num_latents)
+    tokens, mask = self.query(layers.constrain(feats), m, num_latents)
+    return layers.constrain(tokens), mask
 
   def embed_image_and_text(self, images, input_ids, text_mask, m,
                            num_latents: int | None = None):
@@ -136,16 +139,22 @@ class MQTLLaVA(nn.Module):
     emb = jnp.where((layout.visual_index >= 0)[..., None],
                     take(tokens.astype(text.dtype), layout.visual_index),
                     take(text, layout.text_index))
-    emb = jnp.where(layout.valid[..., None], emb, 0)
+    emb = layers.constrain(jnp.where(layout.valid[..., None], emb, 0))
     positions = jnp.broadcast_to(jnp.arange(emb.shape[1]), layout.valid.shape)
     return emb, positions, layout
 
-  def __call__(self, images, input_ids, text_mask, m, num_latents: int | None = None):
-    """-> (logits [B, S, V] float32, layout)."""
+  def __call__(self, images, input_ids, text_mask, m, num_latents: int | None = None,
+               return_hidden: bool = False):
+    """-> (logits [B, S, V] float32, layout); return_hidden: the LLM's hidden states
+    [B, S, D] before its final norm instead of logits (`head` maps them to logits)."""
     emb, positions, layout = self.embed_image_and_text(images, input_ids, text_mask, m,
                                                         num_latents)
-    logits, _ = self.llm(emb, positions, attention_mask(layout.valid))
-    return logits, layout
+    out, _ = self.llm(emb, positions, attention_mask(layout.valid), return_hidden=return_hidden)
+    return out, layout
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """LLM hidden states [B, T, D] (before the final norm) -> logits [B, T, V] float32."""
+    return self.llm.head(hidden)
 
 
 def attention_mask(valid: jax.Array) -> jax.Array:
@@ -170,6 +179,38 @@ def next_token_loss(logits: jax.Array, layout: Layout, labels: jax.Array):
   return total / jnp.maximum(count, 1), {"loss_sum": total, "tokens": count}
 
 
+def chunked_next_token_loss(head, hidden: jax.Array, layout: Layout, labels: jax.Array,
+                             chunk: int):
+  """`next_token_loss` from hidden states, never holding [B, S, V] logits.
+
+  head: x [B, c, D] -> logits [B, c, V] float32 (the LM head, e.g. `MQTLLaVA.head`);
+  hidden [B, S, D]. The head and log-softmax run over `chunk` positions at a time
+  under `jax.checkpoint` (backward recomputes each chunk's logits), so at most
+  [B, chunk, V] float32 logits live at once. The same per-position values as
+  `next_token_loss`; only the order of the final sum differs.
+  """
+  target = layout.gather_labels(labels)[:, 1:]
+  x = hidden[:, :-1]
+  b, n, d = x.shape
+  c = max(1, min(chunk, n))
+  pad = -n % c
+  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  padded = jnp.pad(target, ((0, 0), (0, pad)), constant_values=IGNORE)
+  xs = x.reshape(b, -1, c, d).swapaxes(0, 1)  # [n / c, B, c, D]
+  ts = padded.reshape(b, -1, c).swapaxes(0, 1)  # [n / c, B, c]
+
+  @jax.checkpoint
+  def chunk_sum(x_c, t_c):
+    logits = layers.constrain(head(layers.constrain(x_c)), ("batch", "length", "vocab"))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(t_c, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(t_c != IGNORE, nll, 0.0))
+
+  total = jnp.sum(jax.lax.map(lambda xt: chunk_sum(*xt), (xs, ts)))
+  count = (target != IGNORE).sum()
+  return total / jnp.maximum(count, 1), {"loss_sum": total, "tokens": count}
+
+
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 8):
   v = cfg.vision
   images = jnp.zeros((batch, v.image_size, v.image_size, v.channels), jnp.float32)
@@ -183,14 +224,6 @@ def abstract_params(cfg: ModelConfig) -> Any:
   images, ids, mask = dummy_inputs(cfg)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids, mask,
                                            cfg.query.num_queries))
-
-
-def unbox_abstract(tree):
-  """Strips logical-partitioning boxes without applying sharding constraints
-  (which abstract values outside a trace cannot take, e.g. under `jax.set_mesh`)."""
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
-                      is_leaf=is_box)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:

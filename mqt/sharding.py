@@ -41,6 +41,22 @@ def param_shardings(abstract_boxed, mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def unbox_abstract(tree):
+  """Strips logical-partitioning boxes without applying sharding constraints
+  (which abstract values outside a trace cannot take, e.g. under `jax.set_mesh`)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
+def abstract_sharded(abstract_boxed, mesh, rules):
+  """Boxed abstract params -> ShapeDtypeStructs carrying their NamedShardings: what a
+  run creates, restores, imports and compiles for, with nothing allocated."""
+  shardings = param_shardings(abstract_boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      unbox_abstract(abstract_boxed), shardings)
+
+
 def batch_sharding(mesh) -> NamedSharding:
   """Leading (batch) dimension over data x fsdp; the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp")))

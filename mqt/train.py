@@ -9,9 +9,16 @@ Train state (a plain pytree): {"params", "opt_state", "step", "rng"}. The
 jitted step takes the state (donated), a batch sharded over data x fsdp, and
 the step's m values `ms` [K] as data, so it compiles once for every m.
 Only the trainable parameters (optimizer rules) are differentiated.
+
+Before anything is allocated, every stage's step is compiled on abstract shapes
+(`plan_stage`): the state as `abstract_train_state` describes it (optimizer state
+sharded leaf by leaf like its parameter), activations constrained to keep the
+batch on data x fsdp, and a chunked loss. Its memory per device is printed and
+checked against the device's (`--dry_run` stops there).
 """
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -29,12 +36,14 @@ from jax.experimental import multihost_utils
 from mqt import checkpoint as ckpt_lib
 from mqt import config_lib
 from mqt import convert
+from mqt import layers
 from mqt import matryoshka
+from mqt import memory as mem_lib
 from mqt import metrics as metrics_lib
 from mqt import optim
 from mqt import sharding as shard_lib
-from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params, dummy_inputs,
-                       next_token_loss, unbox_abstract)
+from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params,
+                       chunked_next_token_loss, dummy_inputs, next_token_loss)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,16 +53,25 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------
 # The step.
 
-def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int):
-  """-> step(state, batch, ms) -> (state, metrics)."""
+LOSS_CHUNK = 256  # Positions per chunk of the LM head + log-softmax in the train step.
+
+
+def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
+                    loss_chunk: int = LOSS_CHUNK):
+  """-> step(state, batch, ms) -> (state, metrics).
+
+  The loss never holds float32 logits for every position (`chunked_next_token_loss`);
+  micro-batch k of an accumulated step holds rows k, k + A, k + 2A, ... (A =
+  accum_steps), so each device keeps its own rows of the batch."""
 
   def micro_loss(trainable, frozen, micro, ms):
     params = optim.combine(trainable, frozen)
+    head = lambda x: model.apply({"params": params}, x, method=MQTLLaVA.head)
     total, count = 0.0, 0
     for k in range(ms.shape[0]):  # K is static: one forward per m of a `list` step.
-      logits, layout = model.apply({"params": params}, micro["images"], micro["input_ids"],
-                                   micro["text_mask"], ms[k])
-      _, aux = next_token_loss(logits, layout, micro["labels"])
+      hidden, layout = model.apply({"params": params}, micro["images"], micro["input_ids"],
+                                   micro["text_mask"], ms[k], return_hidden=True)
+      _, aux = chunked_next_token_loss(head, hidden, layout, micro["labels"], loss_chunk)
       total, count = total + aux["loss_sum"], aux["tokens"]
     return total, count
 
@@ -61,11 +79,14 @@ def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int):
 
   def step(state, batch, ms):
     trainable, frozen = optim.partition(state["params"], labels)
-    split = lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    split = lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps,
+                                *x.shape[1:]).swapaxes(0, 1)
     micros = {k: split(batch[k]) for k in ("images", "input_ids", "text_mask", "labels")}
 
     def body(carry, micro):
       g_acc, s_acc, n_acc = carry
+      micro = {k: layers.constrain(v, ("batch",) + (None,) * (v.ndim - 1))
+               for k, v in micro.items()}
       (s, n), g = grad_fn(trainable, frozen, micro, ms)
       return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
 
@@ -190,25 +211,202 @@ def reinit_params(params, pattern: str, fresh, name: str = "stage"):
       {**traverse_util.flatten_dict(params, sep="/"), **{k: new[k] for k in hits}}, sep="/")
 
 
+def model_config(config) -> ModelConfig:
+  """The architecture: config.model, or, with config.init.kind='hf' and its files present,
+  what the HF checkpoint records (`convert.model_config_for_checkpoint`: config.json and
+  tensor shapes override the config's defaults; a contradicting user setting is an
+  error). Without the files (a dry run) the config's own shapes."""
+  if config.init.kind == "hf" and not hf_init_problems(config):
+    return convert.model_config_for_checkpoint(config)
+  return ModelConfig.from_config(config.model)
+
+
 def fresh_params(config, model_cfg, model, shardings):
-  """Fresh parameters, created directly sharded (random or imported HF weights)."""
+  """Fresh parameters, created directly sharded (random or imported HF weights).
+
+  HF weights stream from the files into their shardings in `model_cfg`'s param_dtype
+  (`--param_dtype`), after a check (CPU backend) that the tree fits host memory. From
+  CLIP + LLaMA (stage 1) only the query transformer is random: the jitted init
+  computes no other leaf."""
   init = config.init
   if init.kind == "random":
     return _random_params(config.seed, model_cfg, model, shardings)
   if init.kind == "hf":
-    if init.mqt_llava:
-      params = convert.import_mqt_llava(init.mqt_llava, model_cfg, clip_path=init.clip or None)
-    elif init.clip and init.llm:  # Towers from HF; a fresh query transformer.
-      params = jax.device_get(_random_params(config.seed, model_cfg, model, shardings))
-      params["vision"] = convert.import_clip_vision(init.clip, model_cfg.vision)
-      params["llm"] = convert.import_llama(init.llm, model_cfg.llm)
-    else:
+    if not (init.mqt_llava or (init.clip and init.llm)):
       raise ValueError("config.init.kind='hf' needs init.mqt_llava, or init.clip and init.llm")
-    return jax.device_put(params, shardings)
+    convert.check_host_memory(model_cfg, shardings=shardings,
+                              what=f"the parameters of {init.mqt_llava or init.llm}")
+    if init.mqt_llava:
+      return convert.import_mqt_llava(init.mqt_llava, model_cfg, clip_path=init.clip or None,
+                                      shardings=shardings)
+    params = _random_params(config.seed, model_cfg, model, shardings, only="^query/")
+    params["vision"] = convert.import_clip_vision(init.clip, model_cfg.vision,
+                                                  shardings=shardings["vision"])
+    params["llm"] = convert.import_llama(init.llm, model_cfg.llm, shardings=shardings["llm"])
+    return params
   if init.kind == "checkpoint":
     raise ValueError("config.init.kind='checkpoint' takes the parameters of the first stage's "
                      "init_from; set --config.stage<N>.init_from")
   raise ValueError(f"unknown init.kind {init.kind!r} (random | hf | checkpoint)")
+
+
+# ---------------------------------------------------------------------------
+# The compiled step, before any parameter exists (a run and --dry_run share it).
+
+def state_initializer(tx, labels, seed: int):
+  """-> make_state(params): a fresh train state (optimizer state from `tx.init`)."""
+  def make_state(params):
+    trainable, _ = optim.partition(params, labels)
+    return {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
+            "rng": jax.random.PRNGKey(seed)}
+  return make_state
+
+
+def opt_state_shardings(opt_shapes, trainable, replicated):
+  """Each optimizer-state leaf shaped like a trainable parameter takes that parameter's
+  sharding; the rest (step counts) take `replicated`.
+
+  opt_shapes: `jax.eval_shape(tx.init, trainable)`; trainable: the flat {path: leaf}
+  dict of trainable parameters (ShapeDtypeStructs with shardings). The state nests
+  that dict (adamw's mu and nu inside multi_transform), so a leaf's parameter is the
+  innermost path key of its tree path."""
+  def pick(path, leaf):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    param = next((trainable[n] for n in reversed(names)
+                  if isinstance(n, str) and n in trainable), None)
+    if param is not None and param.shape == leaf.shape:
+      return param.sharding
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def abstract_train_state(make_state, params, labels, mesh):
+  """The train state as ShapeDtypeStructs carrying their shardings; nothing allocated.
+
+  params: abstract parameters with their shardings. The optimizer state is sharded
+  leaf by leaf like its parameter (`opt_state_shardings`); step and rng replicated.
+  The one description of the state that a stage creates, restores and compiles for."""
+  shapes = jax.eval_shape(make_state, params)
+  trainable, _ = optim.partition(params, labels)
+  repl = shard_lib.replicated(mesh)
+  shardings = {"params": jax.tree.map(lambda p: p.sharding, params),
+               "opt_state": opt_state_shardings(shapes["opt_state"], trainable, repl),
+               "step": repl, "rng": repl}
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def shardings_of(abstract):
+  return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def batch_abstract(config, data_cfg, model_cfg: ModelConfig, mesh, where: str = ""):
+  """The train batch as ShapeDtypeStructs sharded over data x fsdp, from the config alone
+  (the shapes `pipeline_config` gives the data pipeline): images [B, s, s, 3], input_ids,
+  text_mask, labels [B, T], and the per-row flags [B]."""
+  b, t = data_cfg.batch_size, config_lib.max_text_len(config, data_cfg, where)
+  s = model_cfg.vision.image_size
+  sharding = shard_lib.batch_sharding(mesh)
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  return {"images": sds((b, s, s, 3), jnp.float32), "input_ids": sds((b, t), jnp.int32),
+          "text_mask": sds((b, t), jnp.bool_), "labels": sds((b, t), jnp.int32),
+          "skipped": sds((b,), jnp.bool_), "truncated": sds((b,), jnp.bool_),
+          "empty": sds((b,), jnp.bool_)}
+
+
+@dataclasses.dataclass
+class StagePlan:
+  """One stage's optimizer, abstract sharded state and compiled step (`plan_stage`)."""
+  model: MQTLLaVA
+  tx: object
+  labels: object
+  sched: object
+  sampler: matryoshka.MSampler
+  make_state: object
+  abstract_state: object  # ShapeDtypeStructs with shardings (`abstract_train_state`).
+  compiled: object  # step(state, batch, ms), compiled for abstract_state and the batch.
+  memory: dict  # Bytes per device (`step_memory`).
+
+
+def plan_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh) -> StagePlan:
+  """Builds the stage's optimizer, abstract state and step, and compiles the step ahead
+  of time for the config's batch: all a run does before it allocates, and all that
+  --dry_run does. Call under `jax.set_mesh(mesh)` and the config's logical axis rules."""
+  model = MQTLLaVA(model_cfg)
+  params = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
+                                     tuple(config.sharding.logical_axis_rules))
+  tx, labels, sched = optim.make_optimizer(params, stage_cfg.optim, int(stage_cfg.steps))
+  sampler = matryoshka.MSampler(stage_cfg.matryoshka.kind, model_cfg.query.num_queries,
+                                seed=config.seed + 1000 * int(name[-1]),
+                                m=stage_cfg.matryoshka.m, ms=tuple(stage_cfg.matryoshka.ms))
+  make_state = state_initializer(tx, labels, config.seed)
+  abstract_state = abstract_train_state(make_state, params, labels, mesh)
+  step_fn = make_train_step(model, tx, labels, stage_cfg.accum_steps)
+  batch = batch_abstract(config, stage_cfg.data, model_cfg, mesh, f"config.{name}.data")
+  ms = jax.ShapeDtypeStruct((sampler.width,), jnp.int32, sharding=shard_lib.replicated(mesh))
+  jitted = jax.jit(step_fn, donate_argnums=(0,),
+                   out_shardings=(shardings_of(abstract_state), None))
+  compiled = jitted.lower(abstract_state, batch, ms).compile()
+  return StagePlan(model, tx, labels, sched, sampler, make_state, abstract_state, compiled,
+                   step_memory(compiled, abstract_state))
+
+
+# ---------------------------------------------------------------------------
+# Memory per device: figures, and whether they fit.
+
+# Nominal memory per device of common accelerators, for runs that name no limit.
+NAMED_MEMORY_GIB = (("TPU v5e", 16), ("V100 / TPU v4", 32), ("A100 40GB", 40),
+                    ("A100 / H100 80GB", 80), ("H200", 141))
+
+
+class StepDoesNotFitError(MemoryError):
+  pass
+
+
+def step_memory(compiled, abstract_state) -> dict:
+  """Bytes per device of a compiled step: parameters and optimizer state (one shard of
+  each leaf), and from XLA's memory analysis the temporaries and the peak (arguments +
+  outputs - aliased + temporaries); those are None where the backend reports none."""
+  out = {"params_bytes_per_device": mem_lib.shard_bytes(abstract_state["params"]),
+         "opt_state_bytes_per_device": mem_lib.shard_bytes(abstract_state["opt_state"]),
+         "temp_bytes_per_device": None, "peak_bytes_per_device": None}
+  for key, value in (mem_lib.compiled_bytes(compiled) or {}).items():
+    out[key.replace("_bytes", "_bytes_per_device")] = value
+  return out
+
+
+def memory_line(name: str, memory: dict, limit: int | None, source: str) -> str:
+  """One line: the step's figures per device and whether its peak fits."""
+  fmt = mem_lib.format_bytes
+  peak = memory["peak_bytes_per_device"]
+  line = (f"[{name}] train step per device ({jax.device_count()} "
+          f"{jax.devices()[0].platform} devices): parameters "
+          f"{fmt(memory['params_bytes_per_device'])}, optimizer state "
+          f"{fmt(memory['opt_state_bytes_per_device'])}, temporaries "
+          f"{fmt(memory['temp_bytes_per_device'])}, peak {fmt(peak)}")
+  if peak is None:
+    return line + " (the backend reports no memory analysis)"
+  if limit is not None:
+    verdict = "fits" if peak <= limit else "does NOT fit"
+    return line + f"; {verdict} in {fmt(limit)} ({source})"
+  fits = [f"{n} ({g} GiB): {'yes' if peak <= g * mem_lib.GIB else 'no'}"
+          for n, g in NAMED_MEMORY_GIB]
+  return line + "; fits " + ", ".join(fits)
+
+
+def check_fits(name: str, memory: dict, limit: int | None, source: str) -> None:
+  """Stops a run whose step needs more memory per device than `limit` (None: no check)."""
+  fmt = mem_lib.format_bytes
+  peak = memory["peak_bytes_per_device"]
+  if limit is not None and peak is not None and peak > limit:
+    raise StepDoesNotFitError(
+        f"[{name}] the train step needs {fmt(peak)} per device (parameters "
+        f"{fmt(memory['params_bytes_per_device'])}, optimizer state "
+        f"{fmt(memory['opt_state_bytes_per_device'])}, temporaries "
+        f"{fmt(memory['temp_bytes_per_device'])}), more than the "
+        f"{fmt(limit)} of {source}; stopped before allocating any parameter. "
+        f"Lower it with more devices (config.sharding.mesh), --config.{name}.accum_steps "
+        f"or --config.model.llm.remat_policy=full")
 
 
 # ---------------------------------------------------------------------------
@@ -221,33 +419,18 @@ class StageResult:
 
 
 def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, workdir: str,
-                init_params=None) -> StageResult:
-  """Runs (or resumes) one stage; returns its final parameters."""
-  model = MQTLLaVA(model_cfg)
-  rules = tuple(config.sharding.logical_axis_rules)
-  boxed = abstract_params(model_cfg)["params"]
-  p_shard = shard_lib.param_shardings(boxed, mesh, rules)
-  abstract = unbox_abstract(boxed)
+                init_params=None, plan: StagePlan | None = None) -> StageResult:
+  """Runs (or resumes) one stage; returns its final parameters. `plan`: the stage's
+  `plan_stage` (compiled here when not given)."""
+  plan = plan or plan_stage(config, name, stage_cfg, model_cfg, mesh)
+  model, sampler, sched = plan.model, plan.sampler, plan.sched
+  abstract_state, compiled = plan.abstract_state, plan.compiled
+  state_shardings = shardings_of(abstract_state)
+  p_shard = state_shardings["params"]
   total = int(stage_cfg.steps)
-  tx, labels, sched = optim.make_optimizer(abstract, stage_cfg.optim, total)
-  sampler = matryoshka.MSampler(stage_cfg.matryoshka.kind, model_cfg.query.num_queries,
-                                seed=config.seed + 1000 * int(name[-1]),
-                                m=stage_cfg.matryoshka.m, ms=tuple(stage_cfg.matryoshka.ms))
   stage_dir = os.path.join(workdir, name)
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), config.checkpoint.every,
                                config.checkpoint.keep, config.checkpoint.use_async)
-
-  def make_state(params):
-    trainable, _ = optim.partition(params, labels)
-    return {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-            "rng": jax.random.PRNGKey(config.seed)}
-
-  state_shardings = jax.jit(make_state).lower(
-      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                   abstract, p_shard)).compile().output_shardings
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(make_state, abstract), state_shardings)
 
   source = open_source(config, stage_cfg.data, workdir)
   from data import pipeline  # pylint: disable=import-outside-toplevel
@@ -270,16 +453,7 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
                              _random_params(config.seed + int(name[-1]), model_cfg, model,
                                             p_shard, only=stage_cfg.reinit), name)
     params = jax.device_put(params, p_shard)
-    state = jax.jit(make_state, out_shardings=state_shardings)(params)
-
-  step_fn = make_train_step(model, tx, labels, stage_cfg.accum_steps)
-  batch_sharding = shard_lib.batch_sharding(mesh)
-  batch_abstract = _batch_abstract(pcfg, model_cfg, batch_sharding)
-  ms_abstract = jax.ShapeDtypeStruct((sampler.width,), jnp.int32,
-                                     sharding=shard_lib.replicated(mesh))
-  jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, None))
-  compiled = jitted.lower(abstract_state, batch_abstract, ms_abstract).compile()
-  _report_memory(name, compiled)
+    state = jax.jit(plan.make_state, out_shardings=state_shardings)(params)
 
   start = int(jax.device_get(state["step"]))
   progress = metrics_lib.Progress(stage_dir, name, total, first_step=start,
@@ -315,12 +489,17 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   return StageResult(params=state["params"], final_step=total, losses=losses)
 
 
-def check_batch_size(field: str, batch_size: int, mesh) -> None:
-  """The batch is split over the data x fsdp mesh axes; say so instead of a sharding error."""
+def check_batch_size(field: str, batch_size: int, mesh, accum_steps: int = 1) -> None:
+  """The batch (each of its `accum_steps` micro-batches) is split over the data x fsdp
+  mesh axes; say so instead of a sharding error."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
     raise ValueError(f"--config.{field}={batch_size} does not divide over the {shards} batch "
                      f"shards of the mesh {dict(mesh.shape)}")
+  if batch_size % (accum_steps * shards):
+    raise ValueError(f"--config.{field}={batch_size} in {accum_steps} micro-batches "
+                     f"(accum_steps) does not divide over the {shards} batch shards of the "
+                     f"mesh {dict(mesh.shape)}")
 
 
 def _input_tokens(batch, ms, image_token_id: int) -> int:
@@ -329,32 +508,6 @@ def _input_tokens(batch, ms, image_token_id: int) -> int:
   image_rows = int((batch["input_ids"] == image_token_id).any(axis=1).sum())
   text = int(batch["text_mask"].sum())
   return sum(text + image_rows * (int(m) - 1) for m in ms)
-
-
-def _batch_abstract(pcfg, model_cfg, sharding):
-  b, t, s = pcfg.batch_size, pcfg.max_text_len, pcfg.image_size
-  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-  return {"images": sds((b, s, s, 3), jnp.float32), "input_ids": sds((b, t), jnp.int32),
-          "text_mask": sds((b, t), jnp.bool_), "labels": sds((b, t), jnp.int32),
-          "skipped": sds((b,), jnp.bool_), "truncated": sds((b,), jnp.bool_),
-          "empty": sds((b,), jnp.bool_)}
-
-
-def _report_memory(name, compiled):
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
-    mem = None
-  if mem is None:
-    return
-  gib = lambda x: x / 2**30
-  line = (f"[{name}] compiled train step memory per device: arguments "
-          f"{gib(mem.argument_size_in_bytes):.3f} GiB, outputs {gib(mem.output_size_in_bytes):.3f} "
-          f"GiB, temporaries {gib(mem.temp_size_in_bytes):.3f} GiB, aliased "
-          f"{gib(mem.alias_size_in_bytes):.3f} GiB")
-  logging.info(line)
-  if jax.process_index() == 0:
-    print(line, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -492,30 +645,72 @@ def check_paths(config) -> None:
     raise ValueError("this run cannot start:\n  " + "\n  ".join(problems))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs `config.run_stages` in order, then the held-out evaluation."""
+def plan_stages(config, model_cfg: ModelConfig, mesh, *, dry_run: bool) -> dict:
+  """Compiles every stage of `config.run_stages` before anything is allocated, printing
+  each step's memory per device; a run (not a dry run) stops with StepDoesNotFitError
+  at a stage whose peak exceeds the device memory (`device_memory_limit`).
+  -> {n: StagePlan}."""
+  limit, source = mem_lib.device_memory_limit(config)
+  plans = {}
+  for n in stages_to_run(config):
+    name = f"stage{n}"
+    t0 = time.perf_counter()
+    plans[n] = plan_stage(config, name, config[name], model_cfg, mesh)
+    line = memory_line(name, plans[n].memory, limit, source)
+    logging.info("%s (compiled in %.0f s)", line, time.perf_counter() - t0)
+    if jax.process_index() == 0:
+      print(line, flush=True)
+    if not dry_run:
+      check_fits(name, plans[n].memory, limit, source)
+  return plans
+
+
+def write_dry_run(workdir: str, plans: dict) -> dict:
+  """Writes workdir/dry_run.json: {"devices": N, "stages": {"stage<n>": memory}}."""
+  report = {"devices": jax.device_count(),
+            "stages": {f"stage{n}": plan.memory for n, plan in plans.items()}}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "dry_run.json")
+    with open(path, "w") as f:
+      json.dump(report, f, indent=1)
+    print(f"dry run written to {path}", flush=True)
+  return report
+
+
+def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
+  """Runs `config.run_stages` in order, then the held-out evaluation. Every stage's
+  step is compiled (and its memory checked) first, before any parameter exists.
+
+  dry_run: only that (no data, weights or tokenizer are read); writes and returns the
+  figures of `write_dry_run`."""
   t0 = time.perf_counter()
-  check_paths(config)
+  if not dry_run:
+    check_paths(config)
   os.makedirs(workdir, exist_ok=True)
   if config.get("distributed", False):
     jax.distributed.initialize()
-  model_cfg = ModelConfig.from_config(config.model)
+  model_cfg = model_config(config)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)", flush=True)
   for n in stages_to_run(config):
-    check_batch_size(f"stage{n}.data.batch_size", config[f"stage{n}"].data.batch_size, mesh)
-  if config.eval.ms:
+    check_batch_size(f"stage{n}.data.batch_size", config[f"stage{n}"].data.batch_size, mesh,
+                     int(config[f"stage{n}"].accum_steps))
+  if config.eval.ms and not dry_run:
     check_batch_size("eval.data.batch_size", config.eval.data.batch_size, mesh)
   summary = {"stages": {}}
   params = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
+    plans = plan_stages(config, model_cfg, mesh, dry_run=dry_run)
+    if dry_run:
+      return write_dry_run(workdir, plans)
     for n in stages_to_run(config):
       stage_cfg = config[f"stage{n}"]
       init_params = params
       if init_params is None and stage_cfg.init_from:
         init_params = load_params(stage_cfg.init_from, model_cfg, mesh, config)
-      result = train_stage(config, f"stage{n}", stage_cfg, model_cfg, mesh, workdir, init_params)
+      result = train_stage(config, f"stage{n}", stage_cfg, model_cfg, mesh, workdir, init_params,
+                           plans.pop(n))
       params = result.params
       summary["stages"][f"stage{n}"] = {
           "steps": result.final_step,
@@ -542,10 +737,8 @@ def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(directory):
     raise ValueError(f"init_from checkpoint directory {directory} does not exist")
-  boxed = abstract_params(model_cfg)["params"]
-  shardings = shard_lib.param_shardings(boxed, mesh, tuple(config.sharding.logical_axis_rules))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        unbox_abstract(boxed), shardings)
+  target = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
+                                      tuple(config.sharding.logical_axis_rules))
   manager = ocp.CheckpointManager(os.path.abspath(directory))
   step = manager.latest_step()
   if step is None:

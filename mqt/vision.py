@@ -74,6 +74,7 @@ class VisionBlock(nn.Module):
     c = self.cfg
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     hd = c.width // c.heads
+    x = layers.constrain(x)
     h = layers.layer_norm(c.ln_eps, name="layer_norm1", **kw)(x)
     q, k, v = (layers.dense(c.width, ("embed", "heads"), use_bias=True, name=n, **kw)(h)
                for n in ("q_proj", "k_proj", "v_proj"))
@@ -85,7 +86,7 @@ class VisionBlock(nn.Module):
     h = layers.dense(c.mlp_dim, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h)
     h = layers.dense(c.width, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(
         layers.quick_gelu(h))
-    return x + h
+    return layers.constrain(x + h)
 
 
 class VisionTower(nn.Module):

@@ -14,6 +14,7 @@ from configs import tiny
 from mqt import checkpoint as ckpt_lib
 from mqt import evaluate
 from mqt import inference
+from mqt import memory as mem_lib
 from mqt import train
 from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
 
@@ -187,3 +188,43 @@ def test_decode_rate_is_claimed_only_when_measurable():
   assert evaluate.decode_rate(10.0, 4, 2.6, 200) is None  # Negative.
   assert evaluate.decode_rate(10.0, 4, 1.0, 0) is None
   assert evaluate._rate_text(None) == "n/a" and evaluate._rate_text(1234.4) == "1,234"
+
+
+def test_memory_is_planned_before_weights_and_a_run_that_cannot_fit_stops(trained, tmp_path,
+                                                                          monkeypatch):
+  config, workdir = trained
+  plan = evaluate.sweep(config, workdir, [2, 9], ["builtin"], str(tmp_path / "dry"),
+                        dry_run=True)
+  assert not (tmp_path / "dry").exists()  # No data, results or weights touched.
+  assert plan["m"] == 9 and plan["batch_size"] == config.eval.generation.batch_size
+  fig = plan["compiled"]
+  # Arguments: the parameters the program reads (blocks after the selected vision layer
+  # are never run) and the inputs.
+  assert 0.9 * fig["params_bytes"] < fig["argument_bytes"] < fig["peak_bytes"]
+  assert plan["host_bytes"] > fig["peak_bytes"]
+  acc = plan["accelerator"]
+  assert acc["total_bytes"] == acc["params_bytes"] + acc["kv_cache_bytes"] + acc["activation_bytes"]
+  # The parameter bytes counted from shapes equal the compiled program's own count.
+  assert acc["params_bytes"] == fig["params_bytes"]
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("weights were loaded")
+  monkeypatch.setattr(inference, "load", no_load)
+  monkeypatch.setattr(mem_lib, "host_available_bytes", lambda: 2**20)
+  with pytest.raises(MemoryError, match=r"needs [\d.]+ GiB of host memory .* more than the "
+                     r"1.0 MiB available; stopping before loading weights"):
+    evaluate.sweep(config, workdir, [4], ["synthetic"], str(tmp_path / "full"), limit=2)
+
+
+def test_predict_dry_run_prints_memory_and_reads_no_image(trained, tmp_path):
+  config, workdir = trained
+  common = ["--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={config.data.data_dir}", "--config.run_stages=1",
+            f"--image={tmp_path / 'not_there.png'}", "--prompt=What color is the circle?"]
+  dry = _predict(common + ["--m=3", "--dry_run"])
+  assert dry.returncode == 0, dry.stderr
+  assert dry.stdout == ""  # stdout carries answers only.
+  assert "memory of a generation run at m=3, batch 1" in dry.stderr
+  assert "a CPU run on this host:" in dry.stderr
+  real = _predict(common + ["--m=3"])
+  assert real.returncode != 0 and "not_there.png does not exist" in real.stderr

@@ -49,10 +49,7 @@ def tiny_mqt_llava(tmp_path_factory):
   query = ref.randomize_(ref.RefQueryTransformer(clip_cfg.hidden_size, 4, llm_cfg.hidden_size, M),
                          seed=6)
   model = ref.RefMQTLLaVA(clip, query, llm).eval()
-  state = {f"model.vision_tower.vision_tower.vision_model.{k}": v
-           for k, v in clip.state_dict().items()}
-  state.update({f"model.query_abstractor.{k}": v for k, v in query.state_dict().items()})
-  state.update(llm.state_dict())
+  state = ref.released_state(clip, query, llm)
   path = ref.save_safetensors(state, str(tmp_path_factory.mktemp("mqt_llava")), shards=3)
   cfg = ModelConfig(
       vision=convert.vision_config_from_hf(clip_cfg.to_dict()),

@@ -6,7 +6,7 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from mqt import config_lib, matryoshka, optim
+from mqt import config_lib, matryoshka, optim, train
 from mqt import sharding as shard_lib
 from mqt.jax_utils import count_compiles
 from mqt.model import IGNORE, MQTLLaVA, ModelConfig, abstract_params
@@ -68,12 +68,15 @@ def test_fifty_official_steps_compile_once():
   assert np.isfinite(float(out["loss"]))
 
 
-def test_sharded_equals_unsharded():
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sharded_equals_unsharded(accum):
   # Adam turns a gradient component that is ~0 (1e-9, rounding noise whose sign
   # depends on the reduction order) into a full +-lr step; eps=1e-3 keeps such
   # components from moving while real gradients (~1e-2) still take ~lr steps.
+  # The sharded run is set up as train.py's: the optimizer state sharded like its
+  # parameters (abstract_train_state), activations constrained under the rules.
   rules = config_lib.STAGE2_RULES  # The query transformer and the LLM train.
-  config, cfg, model, tx, labels, step = _setup(rules, eps=1e-3)
+  config, cfg, model, tx, labels, step = _setup(rules, eps=1e-3, accum=accum)
   batch = _batch(cfg, b=8)
   results = []
   for spec, devices in ((dict(data=2, fsdp=2, tensor=2), jax.devices()[:8]),
@@ -82,8 +85,14 @@ def test_sharded_equals_unsharded():
     rules_table = tuple(config.sharding.logical_axis_rules)
     shardings = shard_lib.param_shardings(abstract_params(cfg)["params"], mesh, rules_table)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules_table):
-      state = _state(model, cfg, tx, labels, shardings)
-      jitted = jax.jit(step)
+      params = _state(model, cfg, tx, labels, shardings)["params"]
+      make_state = train.state_initializer(tx, labels, 0)
+      abstract = train.abstract_train_state(
+          make_state, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype,
+                                                                  sharding=p.sharding), params),
+          labels, mesh)
+      state = jax.jit(make_state, out_shardings=train.shardings_of(abstract))(params)
+      jitted = jax.jit(step, out_shardings=(train.shardings_of(abstract), None))
       losses = []
       for i in range(5):
         state, out = jitted(state, shard_lib.put_batch(batch, mesh), np.array([4 + 2 * i], np.int32))
@@ -91,6 +100,12 @@ def test_sharded_equals_unsharded():
     if spec["tensor"] == 2:
       q = state["params"]["llm"]["layers_0"]["q_proj"]["kernel"]
       assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape != q.shape
+      moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+                 if "llm/layers_0/q_proj/kernel" in jax.tree_util.keystr(path)]
+      assert len(moments) == 2  # Adam's mu and nu, sharded as the kernel.
+      assert all(x.sharding.is_equivalent_to(q.sharding, q.ndim) for x in moments)
+      assert all(x.addressable_shards[0].data.shape == q.addressable_shards[0].data.shape
+                 for x in moments)
     results.append((losses, jax.device_get(state["params"])))
   (l8, p8), (l1, p1) = results
   np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=0)

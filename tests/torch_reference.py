@@ -121,6 +121,15 @@ class RefMQTLLaVA(nn.Module):
     return out.logits, out.loss, offsets
 
 
+def released_state(clip, query, llm) -> dict:
+  """The three torch modules' tensors under the released MQT-LLaVA checkpoint's names."""
+  state = {f"model.vision_tower.vision_tower.vision_model.{k}": v
+           for k, v in clip.state_dict().items()}
+  state.update({f"model.query_abstractor.{k}": v for k, v in query.state_dict().items()})
+  state.update(llm.state_dict())
+  return state
+
+
 def save_safetensors(state: dict, path: str, shards: int = 1) -> str:
   """Saves {name: tensor} as one file or `shards` files plus an index json."""
   state = {k: v.detach().contiguous() for k, v in state.items()}
