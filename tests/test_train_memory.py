@@ -148,3 +148,27 @@ def test_chunked_loss_equals_the_loss_of_full_logits(chunk):
   diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                           g_got, g_want)))
   assert diff < 2e-6 * scale, (diff, scale)
+
+
+@pytest.mark.parametrize("devices, budgets_gib", [(64, {"stage1": 12, "stage2": 10}),
+                                                  (8, {"stage2": 60})])
+def test_the_7b_recipe_fits_its_budget_per_device(tmp_path, devices, budgets_gib):
+  """configs/mqt_llava.py as shipped (batch 256 / 128 of 2,048 tokens, float32 parameters
+  and Adam), compiled on fake CPU devices: the peak per device stays within the budget
+  the README states, and the dry run itself stays small on the host."""
+  stages = ",".join(s[-1] for s in budgets_gib)
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/mqt_llava.py:stage=1",
+         f"--config.run_stages={stages}", f"--workdir={tmp_path}", "--dry_run"]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  with open(tmp_path / "log", "w") as log:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)  # This child's own peak resident memory.
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  assert proc.returncode == 0, (tmp_path / "log").read_text()[-3000:]
+  report = json.loads((tmp_path / "dry_run.json").read_text())
+  assert report["devices"] == devices and set(report["stages"]) == set(budgets_gib)
+  for stage, budget in budgets_gib.items():
+    peak = report["stages"][stage]["peak_bytes_per_device"]
+    assert peak <= budget * 2**30, (stage, devices, peak / 2**30)
+  assert usage.ru_maxrss < 4 * 2**20, usage.ru_maxrss  # KiB: under 4 GiB of host memory.
