@@ -2,7 +2,7 @@ r"""A CPU-sized MQT-LLaVA: the project's built-in default.
 
 Same structure as configs/mqt_llava.py (CLIP-style tower, the official query
 transformer, LLaMA decoder with grouped-query attention), small enough to
-train on two CPU cores in about 12 minutes.
+train on two CPU cores in about 9 minutes.
 
   python train.py --config=configs/tiny.py
 

@@ -532,7 +532,7 @@ def run(config, workdir: str, out_dir: str, checkpoint: str = "", dtype=None,
 
 def _describe(tensors, shard_bytes, out_dir, need, what, log) -> None:
   """A dry run's report: what would be written, and the host memory it needs."""
-  gib = lambda x: f"{x / 2**30:.2f} GiB"
+  gib = mem_lib.format_bytes
   shards = shard(tensors, shard_bytes)
   available = mem_lib.host_available_bytes()
   fits = ("" if available is None else
