@@ -1,6 +1,6 @@
 r"""MQT-LLaVA-7B: CLIP ViT-L/14-336 + Matryoshka query transformer (M=256) + Vicuna-7B.
 
-The released architecture (SPEC section 2) and the paper's two-stage recipe.
+The released architecture and the paper's two-stage recipe.
 
   python train.py --config=configs/mqt_llava.py:stage=1 --workdir=/ckpt/stage1
   python train.py --config=configs/mqt_llava.py:stage=2 --workdir=/ckpt/stage2
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.sharding.logical_axis_rules = config_lib.logical_axis_rules()
 
-  # The paper's recipe (SPEC section 3). Paths are empty on purpose: set them
+  # The paper's recipe. Paths are empty on purpose: set them
   # with --config.x=... (a missing one is an error that names the field).
   config_lib.run_block(config)
   config.run_stages = str(knobs.stage)
