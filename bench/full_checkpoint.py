@@ -30,7 +30,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
-_ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+from mqt.checkpoint_io import safetensors_header
+
 _POOL = 1 << 24
 _CHUNK = 1 << 22  # Elements per write.
 
@@ -85,22 +86,10 @@ def _split(layout: dict, itemsize: int, shards: int) -> list[list[str]]:
   return groups
 
 
-def _header(keys, layout, st_dtype: str, itemsize: int) -> bytes:
-  meta, offset = {"__metadata__": {"format": "pt"}}, 0
-  for key in keys:
-    n = math.prod(layout[key]) * itemsize
-    meta[key] = {"dtype": st_dtype, "shape": list(layout[key]),
-                 "data_offsets": [offset, offset + n]}
-    offset += n
-  raw = json.dumps(meta, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)  # Data starts 8-byte aligned, as safetensors writes it.
-  return len(raw).to_bytes(8, "little") + raw
-
-
-def _write_shard(path: str, keys, layout, values: _Values, st_dtype: str, itemsize: int):
+def _write_shard(path: str, keys, layout, values: _Values, dtype: str):
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    f.write(_header(keys, layout, st_dtype, itemsize))
+    f.write(safetensors_header((key, _np_dtype(dtype), layout[key]) for key in keys))
     for key in keys:
       for piece in values.chunks(key, layout[key]):
         f.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
@@ -146,7 +135,7 @@ def write_full_checkpoint(out_dir: str, model_cfg=None, dtype: str = "float16", 
   for k, keys in enumerate(groups):
     name = (f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1
             else "model.safetensors")
-    _write_shard(os.path.join(out_dir, name), keys, layout, values, _ST_DTYPES[dtype], itemsize)
+    _write_shard(os.path.join(out_dir, name), keys, layout, values, dtype)
     weight_map.update({key: name for key in keys})
     files.append(name)
   count = sum(math.prod(s) for s in layout.values())

@@ -23,6 +23,21 @@ _DIR_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
                    "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
+def safetensors_header(entries) -> bytes:
+  """The header of a safetensors file holding `entries` [(key, numpy dtype, shape)] in
+  that order, each right after the previous one (the bytes before the tensor data)."""
+  names = {np.dtype(v): k for k, v in _DTYPES.items()}
+  head, offset = {"__metadata__": {"format": "pt"}}, 0
+  for key, dtype, shape in entries:
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    head[key] = {"dtype": names[np.dtype(dtype)], "shape": [int(d) for d in shape],
+                 "data_offsets": [offset, offset + n]}
+    offset += n
+  raw = json.dumps(head, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # Data starts 8-byte aligned, as safetensors writes it.
+  return struct.pack("<Q", len(raw)) + raw
+
+
 class CheckpointError(ValueError):
   """A checkpoint that does not fit the model: the message names the key and file."""
 

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from typing import Callable
 
 import jax
@@ -45,7 +44,7 @@ from flax import traverse_util
 from mqt import convert
 from mqt import memory as mem_lib
 from mqt import sharding as shard_lib
-from mqt.checkpoint_io import CheckpointError, TensorSource
+from mqt.checkpoint_io import CheckpointError, TensorSource, safetensors_header
 from mqt.model import ModelConfig, abstract_params, unbox_abstract
 
 LLAVA_CLIP = convert._LLAVA_CLIP  # pylint: disable=protected-access
@@ -284,16 +283,6 @@ class OrbaxLeaves:
 # ---------------------------------------------------------------------------
 # Writing.
 
-def _header(tensors) -> bytes:
-  head = {"__metadata__": {"format": "pt"}}
-  for t in tensors:
-    head[t.key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                   "data_offsets": [t.offset, t.offset + t.nbytes]}
-  raw = json.dumps(head, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)  # Data starts 8-byte aligned, as safetensors writes it.
-  return struct.pack("<Q", len(raw)) + raw
-
-
 def shard(tensors, shard_bytes: int) -> list:
   """[Tensor] -> [[Tensor]] consecutive groups of at most shard_bytes (a larger tensor
   alone), offsets set."""
@@ -315,7 +304,7 @@ def shard_name(k: int, n: int) -> str:
 def _write_shard(path: str, tensors, source) -> None:
   """Header, then each tensor made from the source and written after the previous one."""
   with open(path, "wb") as f:
-    f.write(_header(tensors))
+    f.write(safetensors_header((t.key, t.dtype, t.shape) for t in tensors))
     start = f.tell()
     for t in tensors:
       w = t.join([source.get(p.path, p.layer, t.dtype) for p in t.pieces])
