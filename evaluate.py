@@ -6,6 +6,10 @@ r"""Evaluate a trained MQT-LLaVA at several m: accuracy, FLOPs, latency, plots.
       --benchmarks=pope,gqa --config.eval.benchmarks.pope.folder=/data/pope \
       --config.eval.benchmarks.pope.image_folder=/data/coco/val2014 ...
 
+Every problem of the command line, the config (mqt/validate.py), its files and
+checkpoints is named at once, as `error: ...` lines, before any work starts (exit
+status 2; --debug shows the traceback).
+
 Use the same --config (and overrides) the model was trained with. The memory a
 run at the largest m needs is printed before any weight is read, and a run that
 cannot fit stops there; --dry_run prints it and stops (no data or weights read). Writes
@@ -14,12 +18,13 @@ accuracy_vs_flops.png under --out_dir (default <workdir>/eval).
 """
 import os
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mqt import cli
 from mqt import evaluate
+from mqt import inference
+from mqt import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
                                           lock_config=True)
@@ -38,14 +43,49 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "At most this many questions per bench
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def command_line_problems(config, found: cli.Problems) -> list[int]:
+  """--ms (integers, each 1 <= m <= M; M known later for --checkpoint=hf), --limit and
+  --benchmarks; problems go to `found`. -> the m values to evaluate."""
+  hf = _CHECKPOINT.value == "hf"
+  if _MS.value:
+    ms, bad = cli.int_list("ms", _MS.value)
+    found.add(bad)
+    field = f"--ms={','.join(_MS.value)}"
+  else:
+    ms, field = [int(m) for m in config.eval.ms], ""
+    if not ms:
+      found.add("no m to evaluate: pass --ms=1,2,4,... or set --config.eval.ms")
+  if field:
+    found.add(validate.ms_problems(field, ms, None if hf else validate.num_queries(config)))
+  if _LIMIT.value < 0:
+    found.add(f"--limit={_LIMIT.value} must be >= 0 (0: every question)")
+  try:
+    evaluate.expand_names(_BENCHMARKS.value)
+  except ValueError as e:
+    found.add(f"--benchmarks={','.join(_BENCHMARKS.value)}: {e}")
+  return ms
+
+
+def preflight(config, workdir: str) -> list[int]:
+  """Every problem of the command line, the config, the paths and the checkpoint, named
+  together before any data, weight or compile (a UserError, exit status 2). -> ms."""
+  found = cli.Problems()
+  ms = command_line_problems(config, found)
+  hf = _CHECKPOINT.value == "hf"
+  skip = (("eval.ms",) if _MS.value or hf else ()) + (("stage",) if hf else ())
+  inference.load_problems(found, config, workdir, _CHECKPOINT.value, skip)
+  found.raise_if_any()
+  return ms
+
+
 def main(argv):
   cli.start(argv)
   config = cli.apply_param_dtype(_CONFIG.value)
-  ms = [int(m) for m in (_MS.value or config.eval.ms)]
+  ms = preflight(config, _WORKDIR.value)
   out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
   evaluate.sweep(config, _WORKDIR.value, ms, _BENCHMARKS.value, out_dir,
                  checkpoint=_CHECKPOINT.value, limit=_LIMIT.value, dry_run=cli.DRY_RUN.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

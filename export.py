@@ -11,7 +11,6 @@ prints what would be written and the host memory it needs, and stops.
 """
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -45,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,18 +3,24 @@ r"""Answer a question about images with a trained MQT-LLaVA at a chosen m.
   python predict.py --config=configs/tiny.py --workdir=/tmp/mqt_tiny --m=4 \
       --image=photo.png --prompt="What color is the circle?"
 
+Every problem of the command line, the config (mqt/validate.py), its files and
+checkpoints is named at once, as `error: ...` lines, before any work starts (exit
+status 2; --debug shows the traceback).
+
 --m is required (1 <= m <= M): there is no silent default. Several --image
 flags answer the same prompt for each image in one batch. The memory the run
 needs is printed before any weight is read; a run that cannot fit stops there.
 --dry_run prints it and stops (no weights or images are read).
 """
-from absl import app
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
 from mqt import cli
 from mqt import inference
 from mqt import matryoshka
+from mqt import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
                                           lock_config=True)
@@ -30,10 +36,41 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass. Default: config.")
 flags.mark_flags_as_required(["config", "workdir", "image", "prompt", "m"])
 
 
+def command_line_problems(config, dry_run: bool) -> list[str]:
+  """--m (1 <= m <= M; M known later for --checkpoint=hf), the sampling flags, --prompt
+  and the images (unless a dry run, which reads none)."""
+  big_m = None if _CHECKPOINT.value == "hf" else validate.num_queries(config)
+  m = _M.value
+  problems = validate.ms_problems(f"--m={m}", [m], big_m)
+  if _MAX_NEW.value is not None and _MAX_NEW.value < 1:
+    problems.append(f"--max_new_tokens={_MAX_NEW.value} must be >= 1")
+  if _TEMPERATURE.value is not None and _TEMPERATURE.value < 0:
+    problems.append(f"--temperature={_TEMPERATURE.value} must be >= 0 (0: greedy)")
+  if _TOP_P.value is not None and not 0 < _TOP_P.value <= 1:
+    problems.append(f"--top_p={_TOP_P.value} must lie in (0, 1]")
+  if not _PROMPT.value.strip():
+    problems.append("--prompt is empty: ask a question")
+  if not dry_run:
+    problems += [f"image {p} does not exist" for p in _IMAGES.value if not os.path.isfile(p)]
+  return problems
+
+
+def preflight(config, workdir: str, dry_run: bool) -> None:
+  """Every problem of the command line, the config, the paths and the checkpoint, named
+  together before any weight, image or compile (a UserError, exit status 2)."""
+  found = cli.Problems()
+  found.add(command_line_problems(config, dry_run))
+  hf = _CHECKPOINT.value == "hf"
+  inference.load_problems(found, config, workdir, _CHECKPOINT.value,
+                          skip=("eval.ms",) + (("stage",) if hf else ()))
+  found.raise_if_any()
+
+
 def main(argv):
   cli.start(argv)
   config = cli.apply_param_dtype(_CONFIG.value)
   dry_run = cli.DRY_RUN.value
+  preflight(config, _WORKDIR.value, dry_run)
   gen_cfg = config.eval.generation.copy_and_resolve_references()
   with gen_cfg.unlocked():
     for key, flag in (("max_new_tokens", _MAX_NEW), ("temperature", _TEMPERATURE),
@@ -59,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,10 +7,17 @@ r"""Prepare datasets as TFDS ArrayRecord folders (no TensorFlow needed).
       --json=/data/llava_v1_5_mix665k.json --image_folder=/data/images --on_error=skip
 
 It prints the folder to pass as `--config.stage2.data.dataset_dir` (kind tfds).
+Records are judged as training judges them (data/records.py): with --on_error=skip
+the unusable ones are left out, one line per reason is printed with its count, and
+all of them are listed in the dataset metadata. An existing dataset of the same
+--name is refused; --overwrite prepares it again.
 """
+import contextlib
 import fcntl
 import json
 import os
+import shutil
+import sys
 
 from absl import app
 from absl import flags
@@ -41,6 +48,15 @@ def check_settings(stamp: str, wanted: dict, root: str, what: str) -> None:
                     f"use another data_dir or delete it")
 
 
+@contextlib.contextmanager
+def _locked(data_dir: str):
+  """An exclusive file lock in data_dir (created if needed), held for the block."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    yield
+
+
 def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=None) -> str:
   """Prepares the built-in synthetic set (and tokenizer) unless already there.
 
@@ -48,10 +64,17 @@ def ensure_builtin(data_dir: str, seed: int = 0, image_size: int = 64, sizes=Non
   concurrent callers (processes sharing a host's disk, two runs or this CLI
   beside a run on one data_dir) take turns: two preparations of one data_dir
   at once race on tfds' final rename."""
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+  with _locked(data_dir):
     return _ensure_builtin(data_dir, seed, image_size, sizes)
+
+
+def write_json_atomic(path: str, value) -> None:
+  """Writes `value` as JSON to `path` via a temporary file and os.replace, so a reader
+  never sees a half-written file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f)
+  os.replace(tmp, path)
 
 
 def ensure_builtin_tokenizer(data_dir: str, seed: int = 0) -> str:
@@ -83,48 +106,72 @@ def _ensure_builtin(data_dir: str, seed: int, image_size: int, sizes) -> str:
   builder = tfds_builders.MqtSynthetic(seed=seed, image_size=image_size, sizes=sizes,
                                        data_dir=data_dir)
   builder.download_and_prepare()
-  with open(stamp, "w") as f:
-    json.dump(wanted, f)
+  write_json_atomic(stamp, wanted)
   return root
 
 
 def prepare_llava(json_path: str, image_folder: str, name: str, data_dir: str,
-                  on_error: str = "fail") -> str:
-  builder = tfds_builders.LlavaConversations(
-      json_path=json_path, image_folder=image_folder, on_error=on_error, data_dir=data_dir,
-      config=tfds_builders.tfds.core.BuilderConfig(name=name))
-  builder.download_and_prepare()
+                  on_error: str = "fail", overwrite: bool = False) -> str:
+  """Prepares a LLaVA JSON + image folder as dataset `name` in data_dir; -> its folder.
+
+  Raises:
+    DataError: the first unusable record (on_error="fail"), or a dataset `name` that
+      already exists in data_dir and `overwrite` is false.
+  """
+  out = tfds_builders.dataset_dir(data_dir, "llava_conversations", name)
+  with _locked(data_dir):
+    if os.path.exists(out):
+      if not overwrite:
+        raise DataError(f"{out}: a dataset named {name!r} is already prepared here; choose "
+                        f"another --name, or pass --overwrite to prepare it again")
+      print(f"removing the existing dataset {out} (--overwrite)", flush=True)
+      shutil.rmtree(out)
+    builder = tfds_builders.LlavaConversations(
+        json_path=json_path, image_folder=image_folder, on_error=on_error, data_dir=data_dir,
+        config=tfds_builders.tfds.core.BuilderConfig(name=name))
+    builder.download_and_prepare()
   skipped = (builder.info.metadata or {}).get("skipped", {}).get("train", [])
   if skipped:
-    logging.warning("%d samples were skipped: %s", len(skipped), skipped[:5])
-    print(f"{len(skipped)} samples skipped (listed in dataset metadata)", flush=True)
-  return tfds_builders.dataset_dir(data_dir, "llava_conversations", name)
+    logging.warning("%d records were skipped (listed in the dataset metadata)", len(skipped))
+    print(f"{len(skipped)} records skipped (listed in the dataset metadata)", flush=True)
+  return out
 
 
-_KIND = flags.DEFINE_enum("kind", "synthetic", ["synthetic", "llava"], "What to prepare.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS folders are written.")
-_JSON = flags.DEFINE_string("json", None, "llava: the conversation JSON.")
-_IMAGES = flags.DEFINE_string("image_folder", None, "llava: the image folder.")
-_NAME = flags.DEFINE_string("name", "custom", "llava: a name for this dataset.")
-_ON_ERROR = flags.DEFINE_enum("on_error", "fail", ["fail", "skip"],
-                              "llava: a missing/unreadable image fails, or is skipped and counted.")
-_SEED = flags.DEFINE_integer("seed", 0, "synthetic: seed.")
-_SIZE = flags.DEFINE_integer("image_size", 64, "synthetic: image size.")
+def _define_flags():
+  """The command's flags, defined only when run as a program (importing this module
+  from train.py or export.py must not define --json, --overwrite, ...)."""
+  flags.DEFINE_enum("kind", "synthetic", ["synthetic", "llava"], "What to prepare.")
+  flags.DEFINE_string("data_dir", None, "Where TFDS folders are written.")
+  flags.DEFINE_string("json", None, "llava: the conversation JSON.")
+  flags.DEFINE_string("image_folder", None, "llava: the image folder.")
+  flags.DEFINE_string("name", "custom", "llava: a name for this dataset.")
+  flags.DEFINE_enum("on_error", "fail", ["fail", "skip"],
+                    "llava: an unusable record (bad structure, missing or corrupt image) "
+                    "fails, or is skipped and counted.")
+  flags.DEFINE_bool("overwrite", False,
+                    "llava: prepare again a dataset --name that already exists.")
+  flags.DEFINE_integer("seed", 0, "synthetic: seed.")
+  flags.DEFINE_integer("image_size", 64, "synthetic: image size.")
 
 
 def main(argv):
   del argv
-  if not _DATA_DIR.value:
+  args = flags.FLAGS
+  if not args.data_dir:
     raise app.UsageError("--data_dir is required")
-  if _KIND.value == "synthetic":
-    out = ensure_builtin(_DATA_DIR.value, seed=_SEED.value, image_size=_SIZE.value)
+  if args.kind == "synthetic":
+    out = ensure_builtin(args.data_dir, seed=args.seed, image_size=args.image_size)
   else:
-    if not _JSON.value:
+    if not args.json:
       raise app.UsageError("--json is required for --kind=llava")
-    out = prepare_llava(_JSON.value, _IMAGES.value or "", _NAME.value, _DATA_DIR.value,
-                        _ON_ERROR.value)
+    try:
+      out = prepare_llava(args.json, args.image_folder or "", args.name, args.data_dir,
+                          args.on_error, overwrite=args.overwrite)
+    except DataError as e:
+      sys.exit(f"data.prepare: {e}")
   print(f"prepared: {out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

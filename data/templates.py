@@ -1,15 +1,23 @@
 """Conversation templates `plain` and `vicuna_v1`: token ids and label masks.
 
-Reproduces the official LLaVA preprocessing (SPEC section 4) without its
-silent masking. A third template, `qa`, is ours, for small models trained from
-scratch (configs/tiny.py): no system prompt, and the image placeholder after the
-first question instead of before it ("USER: {q}<image>ASSISTANT: {a}</s>"),
+Reproduces the official LLaVA preprocessing without its silent masking. A
+third template, `qa`, is ours, for small models trained from scratch
+(configs/tiny.py): no system prompt, and the image placeholder after the first
+question instead of before it ("USER: {q}<image>ASSISTANT: {a}</s>"),
 so that the visual tokens can attend to the question. The prompt text is split
 at `<image>`; each chunk is tokenized on its own (BOS only at the very start;
 the chunk after the image starts with the dummy-prefix "▁" before its "\\n")
 and `IMAGE_TOKEN_ID` goes between. Labels cover exactly each answer and its
 `</s>` (vicuna_v1) or the caption and its "\\n" (plain); everything else is
 `IGNORE_INDEX`.
+
+Stripping follows LLaVA exactly. Training (encode_conversation): the first
+question of a sample with an image becomes "<image>\\n" + its text without
+`<image>`, stripped (the whole then stripped once more, so "<image>" alone stays
+"<image>"); text-only samples and later questions keep their text verbatim.
+Generation (prompt_for_generation, prompt_for_conversation): a question that
+holds `<image>` is treated as in training; one without it gets "<image>\\n" +
+the question verbatim, as LLaVA's evaluation scripts do.
 
 The ids are built segment by segment, so the answer spans are known by
 construction: a segment boundary is either a special token or sits right
@@ -53,9 +61,11 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template: str, has_
   problem = _problem(conversations, template, has_image)
   if problem:
     raise ConversationError(f"sample {sample_id}: {problem}")
+  turns = list(conversations)
+  turns[0] = {**turns[0], "value": _first_question(turns[0]["value"], has_image)}
   builder = _Builder(tokenizer)
   try:
-    _FORMATS[template](builder, conversations, has_image)
+    _FORMATS[template](builder, turns)
     return builder.finish()
   except _Inconsistent as e:
     raise ConversationError(f"sample {sample_id}: the {template} template does not tokenize "
@@ -64,25 +74,111 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template: str, has_
 
 def prompt_for_generation(question: str, tokenizer: Tokenizer, template: str = "vicuna_v1",
                           has_image: bool = True) -> list[int]:
-  """Ids of a one-question prompt for generation.
+  """Ids of a one-question prompt for generation: `prompt_for_conversation([], question, ...)`.
 
-  vicuna_v1: system prompt, " USER: " + ("<image>\\n" +) question + " ASSISTANT:"
-  (an `<image>` in the question is moved to the front). qa: "USER: " + question
-  (+ "<image>") + " ASSISTANT:". plain: BOS and the image placeholder only.
+  vicuna_v1: BOS, system prompt, " USER: " + ("<image>\\n" +) question + " ASSISTANT:".
+  qa: "USER: " + question (+ "<image>") + " ASSISTANT:". plain: BOS and the
+  image placeholder only (the question is dropped, as in LLaVA's pretraining).
+  See prompt_for_conversation for where the image goes and what is stripped.
+
+  Raises:
+    ConversationError: the template is unknown, plain without an image, or
+      the question cannot be templated.
   """
-  builder = _Builder(tokenizer)
-  if template == "plain":
-    builder.image()
-  elif template in ("vicuna_v1", "qa"):
-    if not has_image and IMAGE_TOKEN in question:
-      raise ConversationError(f"a question without image contains {IMAGE_TOKEN}")
-    if template == "vicuna_v1":
-      builder.prompt(f"{SYSTEM} USER: {_first_question(question, has_image)} ASSISTANT:")
-    else:
-      builder.prompt(_qa_prompt(question, has_image))
-  else:
+  return prompt_for_conversation([], question, tokenizer, template, has_image)
+
+
+def prompt_for_conversation(history, question: str, tokenizer: Tokenizer,
+                            template: str = "vicuna_v1", has_image: bool = True) -> list[int]:
+  """Ids of a multi-turn prompt: earlier rounds, then `question`, open for the answer.
+
+  vicuna_v1 renders what LLaVA's conversation object (SeparatorStyle.TWO)
+  renders: SYSTEM + " USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"; qa the
+  same without system prompt and with the image after the first question. The
+  image goes in the first question (history[0][0], or `question` when there
+  is no history): one holding `<image>` is handled as in training (moved to
+  the front, text stripped); one without it gets "<image>\\n" + its text
+  verbatim, as LLaVA's evaluation scripts do. Other texts are kept verbatim.
+  The ids equal encode_conversation's for the same turns up to the last
+  "ASSISTANT:".
+
+  Args:
+    history: earlier rounds as (question, answer) pairs of strings, oldest first.
+    question: the question to answer.
+    tokenizer: a `Tokenizer`.
+    template: "vicuna_v1", "qa" or "plain" (plain: no history, image required).
+    has_image: the prompt carries an image (one IMAGE_TOKEN_ID in the ids).
+
+  Returns:
+    Token ids, BOS first, with IMAGE_TOKEN_ID where the image goes.
+
+  Raises:
+    ConversationError: a bad template, history entry or text; the message names it.
+  """
+  if template not in TEMPLATES:
     raise ConversationError(f"unknown template {template!r} (one of {', '.join(TEMPLATES)})")
-  return builder.finish()[0]
+  turns = _prompt_turns(history, question)
+  problem = _prompt_problem(turns, template, has_image)
+  if problem:
+    raise ConversationError(problem)
+  if has_image:
+    turns[0] = {**turns[0], "value": _asked_question(turns[0]["value"])}
+  if template != "plain":
+    problem = _vicuna_v1_problem(turns, lambda i: _where(i, len(turns)))
+    if problem:
+      raise ConversationError(problem)
+  builder = _Builder(tokenizer)
+  try:
+    _FORMATS[template](builder, turns)
+    return builder.finish()[0]
+  except _Inconsistent as e:
+    raise ConversationError(f"the {template} prompt does not tokenize consistently: {e}"
+                            ) from None
+
+
+def _prompt_turns(history, question) -> list[dict]:
+  """(question, answer) pairs and the question -> LLaVA turns ending on a human one."""
+  if isinstance(history, (str, dict)) or not hasattr(history, "__iter__"):
+    raise ConversationError(f"history must be a list of (question, answer) pairs, got "
+                            f"{type(history).__name__}")
+  turns = []
+  for k, pair in enumerate(history):
+    if (isinstance(pair, (str, dict)) or not hasattr(pair, "__len__") or len(pair) != 2
+        or not all(isinstance(t, str) for t in pair)):
+      raise ConversationError(f"history[{k}] is {pair!r:.80}; expected a (question, answer) "
+                              f"pair of strings")
+    turns += [{"from": "human", "value": pair[0]}, {"from": "gpt", "value": pair[1]}]
+  if not isinstance(question, str):
+    raise ConversationError(f"the question must be a string, got {type(question).__name__}")
+  return turns + [{"from": "human", "value": question}]
+
+
+def _where(i: int, n: int) -> str:
+  """Turn i of an n-turn prompt, named the way the caller gave it."""
+  if i == n - 1:
+    return "the question"
+  return f"history[{i // 2}] {'answer' if i % 2 else 'question'}"
+
+
+def _prompt_problem(turns, template: str, has_image: bool) -> str | None:
+  """What makes a prompt untemplatable (None: nothing); names the history entry."""
+  if template == "plain":
+    if not has_image:
+      return ("the plain template needs an image (its prompt is <image> + caption); use "
+              "vicuna_v1 or qa for a text-only prompt")
+    if len(turns) > 1:
+      return f"the plain template has one round; got a history of {len(turns) // 2}"
+  counts = [t["value"].count(IMAGE_TOKEN) for t in turns]
+  where = [i for i, c in enumerate(counts) if c]
+  if not has_image and where:
+    return f"a prompt without image has {IMAGE_TOKEN} in {_where(where[0], len(turns))}"
+  if has_image and counts[0] > 1:
+    return (f"{IMAGE_TOKEN} appears {counts[0]} times in {_where(0, len(turns))}; "
+            f"at most one is allowed")
+  if has_image and where and where[-1] > 0:
+    return (f"{IMAGE_TOKEN} outside the first question ({_where(where[-1], len(turns))}); "
+            f"the image goes in the first question")
+  return None
 
 
 def _problem(conversations, template: str, has_image: bool) -> str | None:
@@ -128,14 +224,14 @@ def _conversation_problem(conversations, has_image: bool) -> str | None:
   return None
 
 
-def _vicuna_v1_problem(conversations) -> str | None:
-  """Turn texts that the official vicuna_v1 rounds cannot hold."""
+def _vicuna_v1_problem(conversations, name=lambda i: f"turn {i}") -> str | None:
+  """Turn texts that the official vicuna_v1 rounds cannot hold; `name(i)` names turn i."""
   for i, turn in enumerate(conversations):
     if not turn["value"]:
-      return (f"turn {i} is empty (the official vicuna_v1 prompt then drops its separator and "
+      return (f"{name(i)} is empty (the official vicuna_v1 prompt then drops its separator and "
               f"masks the sample)")
     if EOS_TEXT in turn["value"]:
-      return (f"turn {i} contains the literal text {EOS_TEXT!r}, which splits the vicuna_v1 "
+      return (f"{name(i)} contains the literal text {EOS_TEXT!r}, which splits the vicuna_v1 "
               f"rounds (the official code masks the sample)")
   return None
 
@@ -145,11 +241,21 @@ def without_image(text: str) -> str:
   return text.replace(IMAGE_TOKEN, "").strip()
 
 
+def image_first(text: str) -> str:
+  """LLaVA's training rule for a question with the image: "<image>\\n" + the text
+  without `<image>`, stripped, and the whole stripped ("<image>" alone stays so)."""
+  return (IMAGE_TOKEN + "\n" + without_image(text)).strip()
+
+
 def _first_question(text: str, has_image: bool) -> str:
-  """LLaVA moves the image to the front: "<image>\\n" + the stripped text."""
-  if not has_image:
-    return text
-  return IMAGE_TOKEN + "\n" + without_image(text)
+  """The first question of a training sample: `image_first`, or verbatim without image."""
+  return image_first(text) if has_image else text
+
+
+def _asked_question(text: str) -> str:
+  """The first question of a generation prompt with an image: the training rule when
+  it holds `<image>`, else "<image>\\n" + the text verbatim (LLaVA's eval scripts)."""
+  return image_first(text) if IMAGE_TOKEN in text else IMAGE_TOKEN + "\n" + text
 
 
 def one_round(conversations, k: int, has_image: bool) -> list:
@@ -160,43 +266,49 @@ def one_round(conversations, k: int, has_image: bool) -> list:
   return [question, answer]
 
 
-def _qa_prompt(question: str, has_image: bool) -> str:
-  """qa: "USER: {q} ASSISTANT:", or with an image "USER: {q}<image>ASSISTANT:" (q
-  stripped of its `<image>`; the text after the image starts a chunk, so it
-  tokenizes as " ASSISTANT:")."""
-  if not has_image:
+def _qa_prompt(question: str) -> str:
+  """qa: "USER: {q} ASSISTANT:", or for a question that starts with the image
+  ("<image>" or "<image>\\n" + q) "USER: {q}<image>ASSISTANT:" (the text after the
+  image starts a chunk, so it tokenizes as " ASSISTANT:")."""
+  if not question.startswith(IMAGE_TOKEN):
     return f"USER: {question} ASSISTANT:"
-  return f"USER: {without_image(question)}{IMAGE_TOKEN}ASSISTANT:"
+  body = question[len(IMAGE_TOKEN):]
+  body = body[1:] if body.startswith("\n") else body
+  return f"USER: {body}{IMAGE_TOKEN}ASSISTANT:"
 
 
-def _plain(builder, conversations, has_image: bool):
-  """`<image>` + caption + "\\n"; loss on the caption and "\\n".
+def _plain(builder, turns):
+  """`<image>` + caption + "\\n"; loss on the caption and "\\n". Without an answer
+  (a prompt), `<image>` only.
 
   The human turn's text is dropped, as in LLaVA's pretraining.
   """
-  del has_image  # Always true here.
   builder.image()
-  builder.text(conversations[1]["value"] + "\n", label=True)
+  if len(turns) > 1:
+    builder.text(turns[1]["value"] + "\n", label=True)
 
 
-def _vicuna_v1(builder, conversations, has_image: bool):
-  """SYSTEM + " USER: {q} ASSISTANT: {a}</s>" per round; loss on " {a}</s>"."""
+def _vicuna_v1(builder, turns):
+  """SYSTEM + " USER: {q} ASSISTANT: {a}</s>" per round; loss on " {a}</s>".
+
+  `turns` hold the final texts (the image already at the front of turn 0); a
+  last human turn without answer ends the ids at its "ASSISTANT:".
+  """
   head = SYSTEM + " "
-  for r in range(0, len(conversations), 2):
-    question = conversations[r]["value"]
-    if r == 0:
-      question = _first_question(question, has_image)
-    builder.prompt(f"{head}USER: {question} ASSISTANT:")
-    builder.text(" " + conversations[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
+  for r in range(0, len(turns), 2):
+    builder.prompt(f"{head}USER: {turns[r]['value']} ASSISTANT:")
+    if r + 1 < len(turns):
+      builder.text(" " + turns[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
     head = ""
 
 
-def _qa(builder, conversations, has_image: bool):
+def _qa(builder, turns):
   """"USER: {q} ASSISTANT: {a}</s>" per round, the image right after the first
-  question; no system prompt; loss on " {a}</s>"."""
-  for r in range(0, len(conversations), 2):
-    builder.prompt(_qa_prompt(conversations[r]["value"], has_image and r == 0))
-    builder.text(" " + conversations[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
+  question; no system prompt; loss on " {a}</s>". Ends like `_vicuna_v1`."""
+  for r in range(0, len(turns), 2):
+    builder.prompt(_qa_prompt(turns[r]["value"]))
+    if r + 1 < len(turns):
+      builder.text(" " + turns[r + 1]["value"] + EOS_TEXT, label=True, dummy_prefix=False)
 
 
 _FORMATS = {"plain": _plain, "vicuna_v1": _vicuna_v1, "qa": _qa}

@@ -12,18 +12,16 @@ the records) and the skipped samples go into the dataset metadata. Read them
 back with `data.sources.TfdsSource(dataset_dir(...), split)`; preparing is
 `python -m data.prepare` (see its --help).
 """
+import collections
 import io
 import json
-import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from data import records as records_lib
 from data.sources import DataError, load_llava_json, pack_bits, pack_counts
-
-log = logging.getLogger(__name__)
 
 
 def _features():
@@ -54,15 +52,33 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
                                  metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
-  def _record_split(self, split, flags, skipped, turns):
+  def _record_split(self, split, flags, problems, turns, total):
+    """Stores a split's bitmaps, turn counts, record total and unusable records."""
     meta = self.info.metadata
     meta.setdefault("has_image", {})[split] = pack_bits(flags)
     meta.setdefault("turns", {})[split] = pack_counts(turns)
-    meta.setdefault("skipped", {})[split] = skipped
+    meta.setdefault("skipped", {})[split] = [p._asdict() for p in problems]
+    meta.setdefault("total", {})[split] = int(total)
+    meta.setdefault("judged", {})[split] = True
+
+
+def reason_lines(problems) -> list[str]:
+  """One line per reason: "skipped <n> record(s): <reason> (first: <message>)"."""
+  by_reason = collections.defaultdict(list)
+  for p in problems:
+    by_reason[p.reason].append(p)
+  return [f"skipped {len(ps)} record(s): {reason} (first: {ps[0].message})"
+          for reason, ps in sorted(by_reason.items())]
 
 
 class LlavaConversations(_Builder):
-  """A LLaVA-format conversation JSON and its image folder."""
+  """A LLaVA-format conversation JSON and its image folder.
+
+  Records are judged by data/records.py (structure, and every image decoded fully
+  by the decoder training uses): on_error="fail" stops at the first unusable one,
+  naming it; "skip" leaves them out, records them in the metadata and prints one
+  line per reason with its count.
+  """
 
   VERSION = tfds.core.Version("1.0.0")
 
@@ -74,35 +90,32 @@ class LlavaConversations(_Builder):
     del dl_manager
     if not self._json_path:
       raise DataError("LlavaConversations needs json_path to prepare")
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
     records = load_llava_json(self._json_path)
-    flags, skipped, turns = [], [], []
-    for i, rec in enumerate(records):
-      sid = str(rec.get("id", f"#{i}"))
+    keep, problems = records_lib.judge_records(records, self._json_path, self._image_folder,
+                                               self._on_error)
+    for line in reason_lines(problems):
+      print(f"{self._json_path}: {line}", flush=True)
+    if not keep:
+      first = f"; first: {problems[0].message}" if problems else ""
+      raise DataError(f"{self._json_path}: none of its {len(records)} records is usable"
+                      f"{first}")
+    return {"train": self._generate_examples(records, keep, problems)}
+
+  def _generate_examples(self, records, keep, problems):
+    flags, turns = [], []
+    for i in keep:
+      rec = records[i]
+      sid = records_lib.record_id(rec, i)[0]
       data = b""
       if "image" in rec:
-        path = os.path.join(self._image_folder or "", rec["image"])
-        try:
-          with open(path, "rb") as f:
-            data = f.read()
-          Image.open(io.BytesIO(data)).verify()
-        except Exception as e:  # pylint: disable=broad-except
-          msg = f"sample {sid}: image {path} is missing or unreadable ({type(e).__name__}: {e})"
-          if self._on_error == "fail":
-            raise DataError(msg) from None
-          log.warning("skipping %s", msg)
-          skipped.append([sid, msg])
-          continue
+        with open(os.path.join(self._image_folder or "", rec["image"]), "rb") as f:
+          data = f.read()
       flags.append("image" in rec)
       turns.append(len(rec["conversations"]))
       yield sid, {"id": sid, "conversations": json.dumps(rec["conversations"]),
                   "image": data, "image_name": rec.get("image", ""), "has_image": "image" in rec,
                   "meta": _meta(rec)}
-    self._record_split("train", flags, skipped, turns)
-    if skipped:
-      log.warning("%d samples skipped while preparing %s", len(skipped), self._json_path)
+    self._record_split("train", flags, problems, turns, len(records))
 
 
 class MqtSynthetic(_Builder):
@@ -124,6 +137,9 @@ class MqtSynthetic(_Builder):
     flags, turns = [], []
     for rec, image in synthetic.iter_records(self._seed, split, self._sizes[split],
                                              image_size=self._image_size):
+      found = records_lib.conversation_problem(rec["conversations"], image is not None)
+      if found:  # A generator bug: the built-in set is served as judged.
+        raise DataError(f"built-in {split} record {rec['id']}: {found[0]}: {found[1]}")
       data = b""
       if image is not None:
         buf = io.BytesIO()
@@ -134,7 +150,7 @@ class MqtSynthetic(_Builder):
       yield rec["id"], {"id": rec["id"], "conversations": json.dumps(rec["conversations"]),
                         "image": data, "image_name": rec.get("image", ""),
                         "has_image": image is not None, "meta": _meta(rec)}
-    self._record_split(split, flags, [], turns)
+    self._record_split(split, flags, [], turns, len(flags))
 
 
 def dataset_dir(data_dir: str, builder_name: str, config: str | None = None,

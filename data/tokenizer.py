@@ -9,23 +9,48 @@ is then encoded segment by segment: the first segment gets SentencePiece's
 dummy-prefix "▁", a segment after a special token gets it only when `legacy`
 is true. That is `LlamaTokenizer(legacy=...)` in transformers 4.x, which the
 official LLaVA code uses (`use_fast=False`); `legacy` is read from the
-`tokenizer_config.json` next to the model and defaults to true, as in HF.
+`tokenizer_config.json` next to the model and defaults to true, as in HF (a
+default that is logged once per model file; `Tokenizer.legacy_source` says
+where the flag came from).
+
+As a command, trains a tokenizer on the texts of LLaVA conversation files:
+
+  python -m data.tokenizer --json=train.json[,more.json] --out=DIR/tokenizer.model \\
+      --vocab_size=1024 [--legacy] [--overwrite]
+
+It writes the model and a `tokenizer_config.json` beside it that records
+`legacy` (false unless --legacy), so that this module, the training templates
+and HF's `LlamaTokenizer` all read the same flag.
 """
 import io
 import json
+import logging
 import os
 import re
+import sys
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "tokenizer_config.json"
+LEGACY_SOURCES = ("tokenizer_config.json", "argument", "default")
+# <unk>, <s>, </s> and the 256 byte-fallback pieces <0x00>..<0xFF>.
+NUM_FIXED_PIECES = 3 + 256
+_warned_default = set()  # Model paths whose default legacy flag was already logged.
 
 
 class Tokenizer:
   """A LLaMA SentencePiece model (bytes of a `tokenizer.model`)."""
 
-  def __init__(self, model_proto: bytes, legacy: bool = True, name: str = "<memory>"):
+  def __init__(self, model_proto: bytes, legacy: bool = True, name: str = "<memory>",
+               legacy_source: str = "argument"):
+    if legacy_source not in LEGACY_SOURCES:
+      raise ValueError(f"legacy_source={legacy_source!r}; one of {', '.join(LEGACY_SOURCES)}")
     self.name = name
     self.legacy = bool(legacy)
+    self.legacy_source = legacy_source  # Where `legacy` came from (LEGACY_SOURCES).
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_proto)
@@ -39,14 +64,32 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str, legacy: bool | None = None) -> "Tokenizer":
-    """Loads `path`; `legacy=None` reads it from a tokenizer_config.json beside it."""
+    """Loads the SentencePiece model at `path`.
+
+    Args:
+      path: a `tokenizer.model` file.
+      legacy: the HF `legacy` flag; None reads it from the tokenizer_config.json
+        beside `path`, and without one (or without a "legacy" in it) assumes
+        True as HF's LlamaTokenizer does, logging that once per path.
+
+    Returns:
+      A `Tokenizer` whose `legacy_source` is "argument", "tokenizer_config.json"
+      or "default".
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: the tokenizer_config.json beside it is malformed.
+    """
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer model {path} does not exist")
     with open(path, "rb") as f:
       proto = f.read()
+    source = "argument"
     if legacy is None:
-      legacy = _legacy_from_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
-    return cls(proto, legacy=legacy, name=path)
+      legacy, source = _legacy_from_config(os.path.join(os.path.dirname(path), CONFIG_NAME))
+      if source == "default":
+        _log_default_once(path)
+    return cls(proto, legacy=legacy, name=path, legacy_source=source)
 
   @property
   def bos_id(self) -> int:
@@ -101,12 +144,43 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
 
-def _legacy_from_config(cfg_path: str) -> bool:
+def _legacy_from_config(cfg_path: str) -> tuple[bool, str]:
+  """-> (legacy, where from): the file's "legacy", or (True, "default") when the
+  file is absent or sets none (HF: a missing or null legacy means legacy).
+
+  Raises ValueError (one line naming the file) for malformed JSON, a top level
+  that is not an object, or a "legacy" that is not true, false or null.
+  """
   if not os.path.exists(cfg_path):
-    return True
-  with open(cfg_path) as f:
-    legacy = json.load(f).get("legacy", True)
-  return True if legacy is None else bool(legacy)  # HF: None means legacy.
+    return True, "default"
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_path}: malformed JSON at line {e.lineno} column {e.colno}: "
+                     f"{e.msg}; fix it or remove the file (legacy then defaults to true)") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{cfg_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+  legacy = cfg.get("legacy")
+  if legacy is None:
+    return True, "default"
+  if not isinstance(legacy, bool):
+    raise ValueError(f"{cfg_path}: \"legacy\" must be true, false or null, got {legacy!r}")
+  return legacy, CONFIG_NAME
+
+
+def _log_default_once(path: str):
+  """Logs, once per model path, that legacy=True was assumed."""
+  if path in _warned_default:
+    return
+  _warned_default.add(path)
+  if os.path.exists(os.path.join(os.path.dirname(path), CONFIG_NAME)):
+    why = f"the {CONFIG_NAME} beside it sets no \"legacy\""
+  else:
+    why = f"no {CONFIG_NAME} beside it"
+  log.warning("%s: %s; assuming legacy=True as HF's LlamaTokenizer does", path, why)
 
 
 def train_tokenizer(texts, out_path: str, vocab_size: int = 512, **kwargs) -> str:
@@ -133,3 +207,158 @@ def train_tokenizer(texts, out_path: str, vocab_size: int = 512, **kwargs) -> st
     f.write(model.getvalue())
   os.replace(tmp, out_path)
   return out_path
+
+
+def conversation_texts(json_paths, skipped: list | None = None) -> list[str]:
+  """The "value" texts of every turn of LLaVA conversation JSON files.
+
+  Each text has its `<image>` placeholders removed and is stripped; empty
+  texts are left out. Records whose turns are readable but untemplatable (e.g.
+  an image without `<image>`) still give their texts; records without readable
+  turns (no or empty `conversations`, a non-string value) give none and are listed
+  in `skipped`, the same records training skips.
+
+  Args:
+    json_paths: LLaVA JSON files (arrays of {"id", "conversations", ...}).
+    skipped: where the one-line reasons of records without readable turns go; None:
+      such a record is an error.
+
+  Returns:
+    The texts, file by file, record by record, turn by turn.
+
+  Raises:
+    ValueError: a file is missing or malformed, or (`skipped` None) a record has no
+      readable turns (the message names the file, the record's index and id).
+  """
+  # Imported here: data.records and data.sources import data.templates, which imports us.
+  from data import records as records_lib  # pylint: disable=import-outside-toplevel
+  from data import sources  # pylint: disable=import-outside-toplevel
+  texts = []
+  for path in json_paths:
+    for i, rec in enumerate(sources.load_llava_json(path)):
+      turns = rec.get("conversations") if isinstance(rec, dict) else None
+      if not (isinstance(turns, list) and all(
+          isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
+        problem = records_lib.structure_problem(rec, i, path)
+        why = problem.message if problem else f"{path}: record {i}: unreadable turns"
+        if skipped is None:
+          raise ValueError(f"{why}; fix or remove the record")
+        skipped.append(why)
+        continue
+      for turn in turns:
+        text = turn["value"].replace("<image>", "").strip()
+        if text:
+          texts.append(text)
+  return texts
+
+
+def required_vocab_size(texts) -> int:
+  """The smallest vocab_size SentencePiece accepts for `texts`: the special and
+  byte-fallback pieces plus one piece per distinct character ("▁" for spaces)."""
+  chars = set("▁")
+  for t in texts:
+    chars.update(t)
+  chars.discard(" ")
+  return NUM_FIXED_PIECES + len(chars)
+
+
+def tokenizer_config(legacy: bool) -> dict:
+  """The tokenizer_config.json written beside a trained model: HF's LlamaTokenizer
+  with our special pieces and the chosen `legacy` flag."""
+  return {"tokenizer_class": "LlamaTokenizer", "legacy": bool(legacy),
+          "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+          "add_bos_token": True, "add_eos_token": False, "padding_side": "right",
+          "clean_up_tokenization_spaces": False}
+
+
+def train_from_json(json_paths, out_path: str, vocab_size: int, legacy: bool = False,
+                    overwrite: bool = False) -> dict:
+  """Trains a tokenizer on the conversation texts of `json_paths`.
+
+  Writes `out_path` and a tokenizer_config.json beside it recording `legacy`.
+
+  Args:
+    json_paths: LLaVA JSON files.
+    out_path: the `tokenizer.model` to write.
+    vocab_size: the pieces asked for; SentencePiece may give fewer (no hard limit).
+    legacy: the HF `legacy` flag recorded for every later load.
+    overwrite: replace an existing model and config.
+
+  Returns:
+    {"path", "config", "vocab_size" (the model's real size), "num_texts", "skipped"
+    (one line per record without readable turns, which gave no text)}.
+
+  Raises:
+    ValueError: bad input, one line naming the culprit and what to do.
+  """
+  if not json_paths:
+    raise ValueError("--json is empty: give one or more LLaVA JSON files, comma-separated")
+  config = os.path.join(os.path.dirname(os.path.abspath(out_path)), CONFIG_NAME)
+  if os.path.isdir(out_path):
+    raise ValueError(f"--out={out_path} is a directory; give the path of the model file, "
+                     f"e.g. {os.path.join(out_path, 'tokenizer.model')}")
+  for existing in (out_path, config):
+    if os.path.exists(existing) and not overwrite:
+      raise ValueError(f"{existing} exists; pass --overwrite to replace it or choose another "
+                       f"--out")
+  skipped = []
+  texts = conversation_texts(json_paths, skipped)
+  if not texts:
+    raise ValueError(f"{','.join(json_paths)}: no conversation text to train on")
+  need = required_vocab_size(texts)
+  if vocab_size < need:
+    raise ValueError(f"--vocab_size={vocab_size} is too small: the 3 special pieces, the 256 "
+                     f"byte-fallback pieces and the {need - NUM_FIXED_PIECES} distinct "
+                     f"characters of the texts need at least {need}")
+  longest = max(len(t.encode("utf-8")) for t in texts)
+  try:
+    train_tokenizer(texts, out_path, vocab_size=vocab_size,
+                    max_sentence_length=max(4192, longest + 1))
+  except RuntimeError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"SentencePiece could not train a {vocab_size}-piece model on "
+                     f"{len(texts)} texts: {first}") from None
+  with open(config + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(tokenizer_config(legacy), f, indent=2)
+  os.replace(config + ".tmp", config)
+  tok = Tokenizer.load(out_path)
+  return {"path": out_path, "config": config, "vocab_size": tok.vocab_size,
+          "num_texts": len(texts), "skipped": skipped}
+
+
+def _define_flags():
+  """The command's flags (defined only when run as a program)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_list("json", [], "LLaVA conversation JSON files, comma-separated.")
+  flags.DEFINE_string("out", None, "The tokenizer.model to write (tokenizer_config.json "
+                      "goes beside it).")
+  flags.DEFINE_integer("vocab_size", 1024, "Pieces to ask for; SentencePiece may give fewer.")
+  flags.DEFINE_bool("legacy", False, "The HF `legacy` flag to record in tokenizer_config.json.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing model and tokenizer_config.json.")
+  return flags.FLAGS
+
+
+def main(argv):
+  """Trains and writes the tokenizer; bad input exits with one `error: ...` line."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  args = flags.FLAGS
+  try:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
+    if not args.out:
+      raise ValueError("--out is required: the path of the tokenizer.model to write")
+    info = train_from_json(args.json, args.out, args.vocab_size, args.legacy, args.overwrite)
+  except (ValueError, OSError) as e:
+    sys.exit(f"error: {e}")
+  print(f"wrote {info['path']}: vocab_size {info['vocab_size']} (asked {args.vocab_size}), "
+        f"{info['num_texts']} texts from {len(args.json)} file(s); legacy={args.legacy} in "
+        f"{info['config']}")
+  if info["skipped"]:
+    print(f"{len(info['skipped'])} record(s) without readable turns gave no text (first: "
+          f"{info['skipped'][0]})")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -66,6 +66,48 @@ def data_block(kind="builtin", split="train", template="vicuna_v1", image_mode="
       split_rounds=split_rounds))  # One sample per question-answer round.
 
 
+DATA_KINDS = ("builtin", "tfds", "json")
+
+
+def data_blocks(config) -> list[tuple[str, object]]:
+  """(config path, data block) of every stage in `config.run_stages` and the evaluation."""
+  names = [f"stage{x.strip()}" for x in str(config.get("run_stages", "")).split(",")
+           if x.strip()]
+  out = [(f"{n}.data", config[n].data) for n in names if n in config]
+  if "eval" in config and "data" in config.eval:
+    out.append(("eval.data", config.eval.data))
+  return out
+
+
+def infer_data_kinds(config, explicit: set[str] = frozenset()) -> list[str]:
+  """Makes every data block's source explicit: a block left at kind="builtin" that
+  names a file (`json_path`) or a prepared folder (`dataset_dir`) reads that, as
+  kind "json" or "tfds" (in place; the config must be unlocked or unlocked here).
+  Never ignores a path: a block that names both, or one whose kind was set to
+  "builtin" on the command line (`explicit`: the fields `cli.user_settings()` gives)
+  beside a path, is an error naming the fields. -> one note per inferred kind."""
+  notes, problems = [], []
+  for where, d in data_blocks(config):
+    paths = [f for f in ("json_path", "dataset_dir") if d.get(f)]
+    if d.kind != "builtin" or not paths:
+      continue
+    if len(paths) > 1:
+      problems.append(f"--config.{where}.json_path and --config.{where}.dataset_dir are both "
+                      f"set: choose one (kind=json or kind=tfds)")
+      continue
+    if f"{where}.kind" in explicit:
+      problems.append(f"--config.{where}.kind=builtin ignores --config.{where}.{paths[0]}="
+                      f"{d[paths[0]]}: drop one of them")
+      continue
+    kind = "json" if paths[0] == "json_path" else "tfds"
+    with d.unlocked():
+      d.kind = kind
+    notes.append(f"config.{where}.kind = {kind} (from {paths[0]}={d[paths[0]]})")
+  if problems:
+    raise ValueError("; ".join(problems))
+  return notes
+
+
 def max_text_len(config, block, where: str = "") -> int:
   """Text tokens one sequence of `block` holds beside the M visual tokens (the image
   placeholder is one of them): its max_len, or config.data.max_len where that is 0,

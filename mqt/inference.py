@@ -111,9 +111,9 @@ def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | No
 
 
 def encode_prompt(question: str, tokenizer, has_image: bool, template: str = "vicuna_v1"):
-  """A user turn (without `<image>`) -> prompt ids with the image placeholder first."""
-  text = (templates.IMAGE_TOKEN + "\n" + question) if has_image else question
-  return templates.prompt_for_generation(text, tokenizer, template, has_image=has_image)
+  """A user turn -> prompt ids (`templates.prompt_for_generation`: the image placeholder
+  goes where the template puts it, the question kept as LLaVA's evaluation keeps it)."""
+  return templates.prompt_for_generation(question, tokenizer, template, has_image=has_image)
 
 
 def pad_prompts(prompts: list[list[int]], text_len: int, pad_id: int = 0):
@@ -346,6 +346,22 @@ def check_serving_memory(plan: dict, device_limit_bytes: int | None = None) -> N
   if device_limit_bytes and peak > device_limit_bytes:
     raise MemoryError(f"this generation run needs {fmt(peak)} per device, more than the "
                       f"{fmt(device_limit_bytes)} of a device; stopping before loading weights")
+
+
+def load_problems(found, config, workdir: str, checkpoint: str, skip=()) -> None:
+  """What would stop `load` (evaluate.py, predict.py), into `found` (a cli.Problems)
+  before any weight is read: the data kinds, the config (`validate.config_problems`,
+  less the fields under `skip`), the paths, and a checkpoint of another model."""
+  from mqt import cli  # pylint: disable=import-outside-toplevel
+  from mqt import config_lib  # pylint: disable=import-outside-toplevel
+  from mqt import validate  # pylint: disable=import-outside-toplevel
+  found.check(config_lib.infer_data_kinds, config, cli.user_settings())
+  config_found = validate.config_problems(config, skip=skip)
+  found.add(config_found)
+  paths = found.check(resolve_paths, config, workdir, checkpoint)
+  if paths and paths[0] != "hf" and not config_found:
+    found.check(lambda: found.add(validate.model_checkpoint_problems(
+        paths[0], model_config(config, paths[0]), dtypes=cli.PARAM_DTYPE.value is None)))
 
 
 def model_config(config, checkpoint: str) -> ModelConfig:

@@ -12,14 +12,15 @@ host from (seed, step): deterministic, resumable, and data to the jitted step.
 """
 import numpy as np
 
+KINDS = ("official", "uniform", "log_uniform", "fixed", "list")
+
 
 class MSampler:
 
   def __init__(self, kind: str, num_queries: int, seed: int = 0, m: int = 0,
                ms: tuple[int, ...] = ()):
-    kinds = ("official", "uniform", "log_uniform", "fixed", "list")
-    if kind not in kinds:
-      raise ValueError(f"unknown matryoshka kind {kind!r}; choose one of {kinds}")
+    if kind not in KINDS:
+      raise ValueError(f"unknown matryoshka kind {kind!r}; choose one of {KINDS}")
     self.kind, self.big_m, self.seed = kind, num_queries, seed
     self.fixed = m or num_queries
     self.ms = tuple(int(x) for x in ms)

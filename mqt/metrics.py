@@ -1,7 +1,10 @@
-"""Progress lines, TensorBoard event files and a JSON summary."""
+"""Progress lines, TensorBoard event files, a stage's running record and a JSON summary."""
+import collections
 import json
 import os
 import time
+
+import numpy as np
 
 from absl import logging
 
@@ -62,3 +65,80 @@ def write_summary(workdir: str, summary: dict):
     json.dump(summary, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return path
+
+
+LAST_LOSSES = 20  # A stage's final_loss is the mean of its last LAST_LOSSES step losses.
+
+
+class StageRecord:
+  """What a stage's summary needs, kept across resumes (each checkpoint stores `state()`):
+  its last LAST_LOSSES losses, the rows skipped and truncated (every occurrence), and
+  the data ledger (data.records.Ledger: each unused record once, by reason).
+
+  `log(line)` prints one line the first time a reason of skipped records is met."""
+
+  def __init__(self, ledger, losses=(), skipped: int = 0, truncated: int = 0, log=print):
+    self.ledger, self.log = ledger, log
+    self.losses = collections.deque((float(x) for x in losses), maxlen=LAST_LOSSES)
+    self.skipped, self.truncated = int(skipped), int(truncated)
+
+  @classmethod
+  def start(cls, source, log=print) -> "StageRecord":
+    """A fresh record for `source` (its `total` and the `problems` found on opening it)."""
+    from data import records  # pylint: disable=import-outside-toplevel
+    record = cls(records.Ledger(source.total), log=log)
+    record.add_problems(source.problems)
+    return record
+
+  @classmethod
+  def from_state(cls, state: dict, source, log=print) -> "StageRecord":
+    """The record saved by `state()`; the source's own problems are counted again (each
+    record once, so nothing doubles)."""
+    from data import records  # pylint: disable=import-outside-toplevel
+    record = cls(records.Ledger.from_state(state["ledger"]), state["losses"], state["skipped"],
+                 state["truncated"], log=log)
+    record.add_problems(source.problems)
+    return record
+
+  def state(self) -> dict:
+    """JSON-serialisable: {"losses", "skipped", "truncated", "ledger"}."""
+    return {"losses": list(self.losses), "skipped": self.skipped, "truncated": self.truncated,
+            "ledger": self.ledger.state()}
+
+  def add_problems(self, problems) -> None:
+    """Counts unused records (data.records.Problem); logs each new reason once."""
+    from data import records  # pylint: disable=import-outside-toplevel
+    for problem in problems:
+      if self.ledger.add(problem):
+        self.log(records.skip_line(problem))
+
+  def add_batch(self, batch: dict) -> None:
+    """Counts a batch's skipped (by record and reason) and truncated rows."""
+    from data import pipeline  # pylint: disable=import-outside-toplevel
+    self.skipped += int(batch["skipped"].sum())
+    self.truncated += int(batch["truncated"].sum())
+    self.add_problems(pipeline.batch_problems(batch))
+
+  def add_loss(self, loss: float) -> None:
+    self.losses.append(float(loss))
+
+  def final_loss(self) -> float | None:
+    """The mean of the last LAST_LOSSES losses (None before any step)."""
+    return float(np.mean(list(self.losses))) if self.losses else None
+
+  def summary(self, steps: int) -> dict:
+    """The stage's entry of summary.json: steps, final_loss, the ledger's totals under
+    "data" (total, used, skipped per reason, skipped_total) and the rows truncated."""
+    return {"steps": int(steps), "final_loss": self.final_loss(),
+            "data": {**self.ledger.totals(), "truncated_rows": self.truncated}}
+
+
+def without_timings(summary):
+  """A summary less its wall-clock figures (keys ending in "_s" or "time"), for comparing
+  runs."""
+  if isinstance(summary, dict):
+    return {k: without_timings(v) for k, v in summary.items()
+            if not (k.endswith("_s") or k.endswith("time"))}
+  if isinstance(summary, list):
+    return [without_timings(v) for v in summary]
+  return summary

@@ -58,8 +58,10 @@ Answer rules (see each function): `parse_letter` (multiple choice) and
 `mme_yes_no` (MME's calculation.py), `gqa_normalize` (LLaVA's GQA conversion),
 `normalize_vqa_answer` and `vqa_soft_accuracy` (the official VQA evaluation).
 Loaders raise FileNotFoundError / ValueError naming the file, record and field
-at fault; scorers raise ValueError when predictions miss questions or name
-unknown ones.
+at fault (a missing image: the question file, the record and the image path);
+scorers raise ValueError when predictions miss questions or name unknown ones.
+`baselines(name, questions)` gives a benchmark's "chance" and "image_blind"
+scores in its headline metric (`HEADLINE`), for drawing beside the model's.
 """
 import base64
 import binascii
@@ -72,6 +74,8 @@ import os
 import re
 import string
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+from data import synthetic
 
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
 VIZWIZ_SUFFIX = ("\nWhen the provided information is insufficient, respond with 'Unanswerable'."
@@ -177,10 +181,13 @@ def _field(rec: Mapping, key: str, path: str, rid: Any, kind: type | tuple | Non
   return value
 
 
-def _image(folder: str, rel: str, qid: str, bench: str) -> str:
+def _image(folder: str, rel: str, qid: str, bench: str, src: str, where: str = "") -> str:
+  """The absolute path of folder/rel, or a FileNotFoundError naming the question file
+  `src`, the record (`where`, e.g. "line 3") and the question id."""
   path = os.path.abspath(os.path.join(folder, rel))
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{bench} question {qid}: image not found: {path}")
+    at = f" ({where})" if where else ""
+    raise FileNotFoundError(f"{src}: {bench} question {qid}{at}: image not found: {path}")
   return path
 
 
@@ -407,13 +414,13 @@ def vqa_soft_accuracy(pred: str, answers: Sequence[str],
 # ---------------------------------------------------------------------------
 # ScienceQA-IMG.
 
-def _scienceqa_image(folder: str, split: str, pid: str, name: str) -> str:
+def _scienceqa_image(folder: str, split: str, pid: str, name: str, src: str) -> str:
   cands = [os.path.join(folder, split, pid, name), os.path.join(folder, pid, name),
            os.path.join(folder, name)]
   for c in cands:
     if os.path.isfile(c):
       return os.path.abspath(c)
-  raise FileNotFoundError(f"scienceqa question {pid}: image not found; looked for "
+  raise FileNotFoundError(f"{src}: scienceqa question {pid}: image not found; looked for "
                           + ", ".join(os.path.abspath(c) for c in dict.fromkeys(cands)))
 
 
@@ -450,8 +457,9 @@ def load_scienceqa(problems_path: PathLike, pid_splits_path: PathLike, image_fol
     hint = str(p.get("hint") or "").strip()
     prompt = ((f"Context: {hint}\n" if hint else "") + f"{question}\n"
               + _options_text([str(c) for c in choices]) + CHOICE_SUFFIX)
-    image = _scienceqa_image(folder, str(p.get("split") or split), pid, str(name))
-    meta = {"choices": list(choices), "answer_index": answer, "split": p.get("split", split)}
+    image = _scienceqa_image(folder, str(p.get("split") or split), pid, str(name), ppath)
+    meta = {"choices": list(choices), "answer_index": answer, "split": p.get("split", split),
+            "question": question}
     meta.update({k: p[k] for k in ("subject", "grade", "category", "topic") if k in p})
     questions.append(Question(pid, image, prompt, LETTERS[answer], meta))
   return _unique_qids(questions, ppath)
@@ -509,7 +517,8 @@ def load_pope(files: Mapping[str, PathLike] | PathLike, image_folder: PathLike,
       if label not in ("yes", "no"):
         raise ValueError(f"{path}: record {rid!r} label {rec['label']!r} is not yes/no")
       text = _field(rec, "text", path, rid, str)
-      image = _image(folder, _field(rec, "image", path, rid, str), qid, "pope")
+      image = _image(folder, _field(rec, "image", path, rid, str), qid, "pope", path,
+                     f"record {n}")
       questions.append(Question(qid, image, text + SHORT_SUFFIX, label,
                                 {"split": split, "category": rec.get("category", split)}))
   return _unique_qids(questions, "POPE files")
@@ -595,7 +604,7 @@ def load_mme(root: PathLike, subtasks: Sequence[str] | None = None) -> list[Ques
       if not lines:
         raise ValueError(f"{path}: no questions")
       if stem not in images:
-        raise FileNotFoundError(f"mme question {task}/{stem}/0: image not found: "
+        raise FileNotFoundError(f"{path}: mme question {task}/{stem}/0: image not found: "
                                 f"{os.path.join(os.path.abspath(img_dir), stem)}.<jpg|png>")
       image = os.path.abspath(os.path.join(img_dir, images[stem]))
       for k, (n, line) in enumerate(lines):
@@ -659,7 +668,7 @@ def load_gqa(questions_path: PathLike, image_folder: PathLike) -> list[Question]
     types = rec.get("types") if isinstance(rec.get("types"), dict) else {}
     meta = {k: types[k] for k in ("structural", "semantic", "detailed") if k in types}
     meta["full_answer"] = rec.get("fullAnswer")
-    questions.append(Question(str(qid), _image(folder, rel, qid, "gqa"),
+    questions.append(Question(str(qid), _image(folder, rel, qid, "gqa", path),
                               question + SHORT_SUFFIX, answer, meta))
   return questions
 
@@ -730,8 +739,8 @@ def load_vqav2(questions_path: PathLike, annotations_path: PathLike | None,
       answer = _answer_strings(a, apath, qid)
       meta = {k: a[k] for k in ("answer_type", "question_type", "multiple_choice_answer")
               if k in a}
-    questions.append(Question(qid, _image(folder, rel, qid, "vqav2"), question + SHORT_SUFFIX,
-                              answer, meta))
+    image = _image(folder, rel, qid, "vqav2", qpath, f"question {n}")
+    questions.append(Question(qid, image, question + SHORT_SUFFIX, answer, meta))
   return _unique_qids(questions, qpath)
 
 
@@ -748,7 +757,7 @@ def load_textvqa(path: PathLike, image_folder: PathLike) -> list[Question]:
     question = _field(rec, "question", path, qid, str)
     rel = f"{_field(rec, 'image_id', path, qid)}.jpg"
     answer = _answer_strings(rec, path, qid) if rec.get("answers") is not None else None
-    questions.append(Question(qid, _image(folder, rel, qid, "textvqa"),
+    questions.append(Question(qid, _image(folder, rel, qid, "textvqa", path, f"record {n}"),
                               question + SHORT_SUFFIX, answer, {}))
   return _unique_qids(questions, path)
 
@@ -764,8 +773,8 @@ def load_vizwiz(path: PathLike, image_folder: PathLike) -> list[Question]:
     question = _field(rec, "question", path, qid, str)
     answer = _answer_strings(rec, path, qid) if rec.get("answers") is not None else None
     meta = {k: rec[k] for k in ("answer_type", "answerable") if k in rec}
-    questions.append(Question(qid, _image(folder, qid, qid, "vizwiz"), question + VIZWIZ_SUFFIX,
-                              answer, meta))
+    image = _image(folder, qid, qid, "vizwiz", path, f"record {n}")
+    questions.append(Question(qid, image, question + VIZWIZ_SUFFIX, answer, meta))
   return _unique_qids(questions, path)
 
 
@@ -893,7 +902,7 @@ def load_mmbench(tsv_path: PathLike, cache_dir: PathLike, circular: bool = True
     hint = row.get("hint")
     stem = (f"{hint}\n" if _present(hint) else "") + question
     k = len(options)
-    meta = {"index": index}
+    meta = {"index": index, "question": question}
     for col, key in (("category", "category"), ("l2-category", "l2_category")):
       meta[key] = row[col] if _present(row.get(col)) else None
     for shift in range(k if circular else 1):
@@ -960,10 +969,12 @@ def load_synthetic(json_path: PathLike, image_folder: PathLike) -> list[Question
     question = _field(turns[0], "value", path, rid, str)
     question = question.replace("<image>\n", "").replace("<image>", "")
     qid = str(rid)
-    out.append(Question(qid, _image(folder, _field(rec, "image", path, rid, str), qid,
-                                    "synthetic"),
-                        question, str(_field(rec, "answer", path, rid)),
-                        {"type": _field(rec, "type", path, rid), "subtype": rec.get("subtype")}))
+    image = _image(folder, _field(rec, "image", path, rid, str), qid, "synthetic", path,
+                   f"record {n}")
+    meta = {"type": _field(rec, "type", path, rid), "subtype": rec.get("subtype")}
+    if "n_options" in rec:
+      meta["n_options"] = rec["n_options"]
+    out.append(Question(qid, image, question, str(_field(rec, "answer", path, rid)), meta))
   return _unique_qids(out, path)
 
 
@@ -975,6 +986,173 @@ def score_synthetic(questions: Sequence[Question], predictions: Mapping[str, str
   out = {"accuracy": _mean(right), "n": float(len(questions))}
   _breakdown(out, "type", [q.meta["type"] for q in questions], right)
   return out
+
+
+# ---------------------------------------------------------------------------
+# Baselines: what a model scores without using the image.
+
+# The metric each benchmark is summarised by (plots, tables, baselines).
+HEADLINE = {"synthetic": "accuracy", "pope": "f1", "scienceqa": "accuracy", "mme": "perception",
+            "gqa": "accuracy", "vqav2": "accuracy", "textvqa": "accuracy",
+            "vizwiz": "accuracy", "mmbench": "accuracy"}
+_FORM_WORDS = 3
+
+
+def question_prefix(text: str, words: int = _FORM_WORDS) -> str:
+  """The normalised opening of a question: its first line, lower case, letters and
+  digits only, "an" as "a", the first `words` words ("Is there an apple in the image?"
+  -> "is there a")."""
+  tokens = re.findall(r"[a-z0-9]+", text.split("\n")[0].lower())
+  return " ".join("a" if t == "an" else t for t in tokens[:words])
+
+
+def _question_text(q: Question) -> str:
+  """The question itself (no context, options or suffix)."""
+  return q.meta.get("question") or q.prompt
+
+
+def _form(q: Question, bench: str) -> tuple:
+  """The form of a question an image-blind guesser may condition on (see `baselines`)."""
+  prefix = question_prefix(_question_text(q))
+  if bench == "pope":
+    return (q.meta.get("split"), prefix)
+  if bench == "mme":
+    return (q.meta.get("subtask"), prefix)
+  if bench == "scienceqa":
+    return (len(q.meta["choices"]), prefix)
+  if bench == "mmbench":
+    return (len(q.meta["options"]), prefix)
+  if bench == "vqav2" and q.meta.get("question_type"):
+    return (q.meta["question_type"],)
+  if bench == "gqa" and q.meta.get("detailed"):
+    return (q.meta["detailed"],)
+  return (prefix,)
+
+
+def _reference(q: Question) -> str:
+  """The single answer a guesser would give for q: the answer, or for VQA-style
+  questions (human answer lists) the file's "multiple_choice_answer", else the most
+  frequent normalised human answer (ties: the first given)."""
+  if isinstance(q.answer, str):
+    return q.answer
+  if q.meta.get("multiple_choice_answer"):
+    return str(q.meta["multiple_choice_answer"])
+  return collections.Counter(normalize_vqa_answer(a) for a in q.answer).most_common(1)[0][0]
+
+
+def _majority_by_form(questions: Sequence[Question], bench: str) -> dict[str, str]:
+  """qid -> the most frequent reference answer among the questions of its form. Ties go
+  to the answer more frequent in the whole benchmark, then to the one seen first."""
+  answers = [_reference(q) for q in questions]
+  overall = collections.Counter(answers)
+  first = {}
+  for i, a in enumerate(answers):
+    first.setdefault(a, i)
+  forms = [_form(q, bench) for q in questions]
+  groups = collections.defaultdict(collections.Counter)
+  for f, a in zip(forms, answers):
+    groups[f][a] += 1
+  best = {f: max(c, key=lambda a, c=c: (c[a], overall[a], -first[a]))
+          for f, c in groups.items()}
+  return {q.qid: best[f] for q, f in zip(questions, forms)}
+
+
+def _need_answers(questions: Sequence[Question], bench: str) -> None:
+  if not questions:
+    raise ValueError(f"{bench}: no questions for a baseline")
+  no_ref = [q.qid for q in questions if q.answer is None]
+  if no_ref:
+    raise ValueError(f"{bench}: {len(no_ref)} questions have no reference answer, so no "
+                     f"baseline: {_show(no_ref)}")
+
+
+def _chance(questions: Sequence[Question], bench: str) -> float:
+  """The headline metric expected from uniform guessing (see `baselines`)."""
+  if bench == "pope":
+    return score_pope(questions, {q.qid: "yes" for q in questions})["f1"]
+  if bench == "scienceqa":
+    return _mean([1.0 / len(q.meta["choices"]) for q in questions])
+  if bench == "mmbench":
+    rotations = collections.Counter(q.meta["index"] for q in questions)
+    k = {q.meta["index"]: len(q.meta["options"]) for q in questions}
+    return _mean([(1.0 / k[i]) ** r for i, r in rotations.items()])
+  if bench == "mme":
+    per_image = collections.defaultdict(lambda: collections.defaultdict(int))
+    for q in questions:
+      if q.meta["subtask"] in MME_PERCEPTION:
+        per_image[q.meta["subtask"]][q.meta["image_name"]] += 1
+    return sum(50.0 + 100.0 * _mean([0.5 ** n for n in images.values()])
+               for images in per_image.values())
+  return 0.0  # Open-ended answers: a uniform guess over all strings is never right.
+
+
+def _baselines(questions: Sequence[Question], bench: str) -> dict:
+  _need_answers(questions, bench)
+  score = BENCHMARKS[bench].score
+  blind = score(questions, _majority_by_form(questions, bench))[HEADLINE[bench]]
+  return {"chance": float(_chance(questions, bench)), "image_blind": float(blind)}
+
+
+def baselines_synthetic(questions: Sequence[Question]) -> dict:
+  """Both baselines from `data.synthetic.chance_rates` (per type, weighted by counts)."""
+  _need_answers(questions, "synthetic")
+  records = [dict(q.meta, answer=q.answer.lower()) for q in questions]
+  rates = synthetic.chance_rates(records)
+  counts = collections.Counter(r["type"] for r in records)
+  def overall(per_type):
+    return sum(per_type[t] * n for t, n in counts.items()) / len(records)
+  return {"chance": overall(rates["uniform"]), "image_blind": overall(rates["majority"])}
+
+
+def baselines(bench: str, questions: Sequence[Question]) -> dict:
+  """Reference scores for `questions` of benchmark `bench`, in its headline metric
+  (`HEADLINE`): {"chance": x, "image_blind": y}.
+
+  chance: the expected score of uniform guessing among the allowed answers. POPE:
+    the F1 of answering "yes" always, since F1 counts "yes" as positive (uniform
+    yes/no guessing has accuracy 0.5); ScienceQA: the mean of 1 / number of options;
+    MMBench: the mean of (1 / options) ** rotations (circular: every rotation
+    right); MME: each question right with probability 0.5, so per perception subtask
+    50 (acc) + 100 x mean over images of 0.5 ** questions (acc+), summed; open-ended
+    answers (GQA, VQAv2, TextVQA, VizWiz): 0. The synthetic set: the mean of
+    1 / possible answers (`data.synthetic.chance_rates`, "uniform").
+  image_blind: the score, by the benchmark's own scorer, of a guesser that never sees
+    the image and answers each question with the most frequent reference answer among
+    the questions of its form. The form is the normalised question prefix
+    (`question_prefix`: the first 3 words, so "Is there a <object> in the image?"
+    is one form), with the split (POPE), subtask (MME) or number of options
+    (ScienceQA, MMBench) beside it; VQAv2's "question_type" or GQA's "detailed" type
+    where the file gives one. A VQA-style question's reference is its
+    "multiple_choice_answer", else its most frequent human answer. Ties go to the
+    answer more frequent in the whole benchmark, then to the one seen first. The
+    answer prior is fitted on the evaluated questions themselves, so this is the best
+    such guesser could do. The synthetic set: `data.synthetic.chance_rates`
+    ("majority", per type/subtype or number of options).
+
+  Raises ValueError for an unknown benchmark, no questions, or questions without
+  reference answers.
+  """
+  if bench not in BASELINES:
+    raise ValueError(f"no baselines for benchmark {bench!r}; known: {', '.join(BASELINES)}")
+  return BASELINES[bench](questions)
+
+
+def _per_bench(bench: str) -> Callable[[Sequence[Question]], dict]:
+  def fn(questions: Sequence[Question]) -> dict:
+    return _baselines(questions, bench)
+  fn.__name__ = f"baselines_{bench}"
+  fn.__doc__ = f"`baselines` for {bench}: {{'chance': x, 'image_blind': y}}."
+  return fn
+
+
+baselines_scienceqa = _per_bench("scienceqa")
+baselines_pope = _per_bench("pope")
+baselines_mme = _per_bench("mme")
+baselines_gqa = _per_bench("gqa")
+baselines_vqav2 = _per_bench("vqav2")
+baselines_textvqa = _per_bench("textvqa")
+baselines_vizwiz = _per_bench("vizwiz")
+baselines_mmbench = _per_bench("mmbench")
 
 
 # ---------------------------------------------------------------------------
@@ -995,4 +1173,18 @@ BENCHMARKS = {
     "textvqa": Benchmark(load_textvqa, score_textvqa),
     "vizwiz": Benchmark(load_vizwiz, score_vizwiz),
     "mmbench": Benchmark(load_mmbench, score_mmbench),
+}
+
+
+# name -> baselines(questions) -> {"chance": x, "image_blind": y} (see `baselines`).
+BASELINES = {
+    "synthetic": baselines_synthetic,
+    "scienceqa": baselines_scienceqa,
+    "pope": baselines_pope,
+    "mme": baselines_mme,
+    "gqa": baselines_gqa,
+    "vqav2": baselines_vqav2,
+    "textvqa": baselines_textvqa,
+    "vizwiz": baselines_vizwiz,
+    "mmbench": baselines_mmbench,
 }

@@ -17,7 +17,6 @@ batch on data x fsdp, and a chunked loss. Its memory per device is printed and
 checked against the device's (`--dry_run` stops there).
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mqt import checkpoint as ckpt_lib
+from mqt import cli
 from mqt import config_lib
 from mqt import convert
 from mqt import layers
@@ -47,7 +47,16 @@ from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params,
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """A step gave a non-finite loss, gradient norm, parameter or optimizer state; its
+  update was not adopted and nothing non-finite was saved."""
+
+
+def all_finite(tree) -> jax.Array:
+  """bool scalar: every floating-point value of `tree` is finite (one reduction per leaf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +68,10 @@ LOSS_CHUNK = 256  # Positions per chunk of the LM head + log-softmax in the trai
 def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
                     loss_chunk: int = LOSS_CHUNK):
   """-> step(state, batch, ms) -> (state, metrics).
+
+  metrics: loss, grad_norm, tokens, and params_finite / opt_state_finite (bool: the new
+  trainable parameters / optimizer state hold only finite values; the loop adopts
+  and saves no state where either is False).
 
   The loss never holds float32 logits for every position (`chunked_next_token_loss`);
   micro-batch k of an accumulated step holds rows k, k + A, k + 2A, ... (A =
@@ -101,7 +114,9 @@ def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
     trainable = optax.apply_updates(trainable, updates)
     new_state = {"params": optim.combine(trainable, frozen), "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, {"loss": s / denom, "grad_norm": optax.tree.norm(grads), "tokens": n}
+    return new_state, {"loss": s / denom, "grad_norm": optax.tree.norm(grads), "tokens": n,
+                       "params_finite": all_finite(trainable),
+                       "opt_state_finite": all_finite(opt_state)}
 
   return step
 
@@ -131,10 +146,12 @@ def prepare_builtin(config, workdir: str) -> str:
   return root or prep()
 
 
-def open_source(config, data_cfg, workdir: str):
+def open_source(config, data_cfg, workdir: str, on_error: str = "fail"):
   """A data block (stage or eval) -> a record source (data/sources.py).
 
-  Its paths were validated by `check_paths` (train_and_evaluate calls it first)."""
+  Its paths were validated by `check_paths` (train_and_evaluate calls it first).
+  on_error: "fail" (the first unusable record of a JSON file is an error) or "skip"
+  (unusable records are left out and listed in the source's `problems`)."""
   from data import sources  # pylint: disable=import-outside-toplevel
   split = data_cfg.split
   if data_cfg.kind == "builtin":
@@ -142,7 +159,7 @@ def open_source(config, data_cfg, workdir: str):
   elif data_cfg.kind == "tfds":
     source = sources.TfdsSource(data_cfg.dataset_dir, split)
   elif data_cfg.kind == "json":
-    source = sources.LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
+    source = sources.LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder, on_error)
   else:
     raise ValueError(f"unknown data.kind {data_cfg.kind!r} (builtin | tfds | json)")
   return sources.RoundsSource(source) if data_cfg.get("split_rounds") else source
@@ -328,6 +345,28 @@ class StagePlan:
   memory: dict  # Bytes per device (`step_memory`).
 
 
+def stage_sampler(config, name: str, stage_cfg, model_cfg: ModelConfig) -> matryoshka.MSampler:
+  """The stage's m distribution; an m above M is a ValueError naming the config field."""
+  mcfg = stage_cfg.matryoshka
+  try:
+    return matryoshka.MSampler(mcfg.kind, model_cfg.query.num_queries,
+                               seed=config.seed + 1000 * int(name[-1]), m=mcfg.m,
+                               ms=tuple(mcfg.ms))
+  except ValueError as e:
+    field = {"fixed": f"m={mcfg.m}", "list": f"ms={tuple(mcfg.ms)}"}.get(mcfg.kind,
+                                                                        f"kind={mcfg.kind!r}")
+    raise ValueError(f"--config.{name}.matryoshka.{field}: {e}") from None
+
+
+def check_eval_ms(config, model_cfg: ModelConfig) -> None:
+  """Every m of config.eval.ms within 1..M, else a ValueError naming the field."""
+  for m in config.eval.ms or ():
+    try:
+      matryoshka.validate_m(m, model_cfg.query.num_queries)
+    except ValueError as e:
+      raise ValueError(f"--config.eval.ms={tuple(config.eval.ms)}: {e}") from None
+
+
 def plan_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh) -> StagePlan:
   """Builds the stage's optimizer, abstract state and step, and compiles the step ahead
   of time for the config's batch: all a run does before it allocates, and all that
@@ -336,9 +375,7 @@ def plan_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh) -> St
   params = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
                                      tuple(config.sharding.logical_axis_rules))
   tx, labels, sched = optim.make_optimizer(params, stage_cfg.optim, int(stage_cfg.steps))
-  sampler = matryoshka.MSampler(stage_cfg.matryoshka.kind, model_cfg.query.num_queries,
-                                seed=config.seed + 1000 * int(name[-1]),
-                                m=stage_cfg.matryoshka.m, ms=tuple(stage_cfg.matryoshka.ms))
+  sampler = stage_sampler(config, name, stage_cfg, model_cfg)
   make_state = state_initializer(tx, labels, config.seed)
   abstract_state = abstract_train_state(make_state, params, labels, mesh)
   step_fn = make_train_step(model, tx, labels, stage_cfg.accum_steps)
@@ -415,78 +452,175 @@ def check_fits(name: str, memory: dict, limit: int | None, source: str) -> None:
 class StageResult:
   params: object
   final_step: int
-  losses: list
+  losses: list  # The last metrics_lib.LAST_LOSSES losses (across resumes).
+  summary: dict = dataclasses.field(default_factory=dict)  # StageRecord.summary.
+
+
+def _say(line: str) -> None:
+  """One line for the user (process 0 prints it; every process logs it)."""
+  logging.info(line)
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def data_iterator(source, pcfg, name: str, step: int, data_state):
+  """The stage's batches from global batch `step` on; -> (iterator, offset).
+
+  data_state: what `data_position` saved ({"offset", "worker_count", "grain"}), a
+  grain state of an older checkpoint, or None (a fresh stage). grain's state is
+  applied where it fits (same worker_count); else the dataset starts at `step`,
+  which gives the same batches (each batch is a function of its global step),
+  and one line says so. offset: the global batch number the dataset starts at."""
+  from data import pipeline  # pylint: disable=import-outside-toplevel
+  if data_state is None:
+    if step:
+      _say(f"[{name}] the checkpoint of step {step} holds no data position; the data "
+           f"position was taken from the step")
+    return iter(pipeline.make_dataset(source, pcfg, start_step=step)), step
+  saved = (data_state if isinstance(data_state, dict) and "offset" in data_state
+           else {"offset": 0, "worker_count": None, "grain": data_state})
+  workers = pcfg.worker_count
+  if saved["worker_count"] in (None, workers):
+    it = iter(pipeline.make_dataset(source, pcfg, start_step=int(saved["offset"])))
+    try:
+      it.set_state(saved["grain"])
+      return it, int(saved["offset"])
+    except Exception as e:  # pylint: disable=broad-except
+      why = f"its grain state cannot be applied ({type(e).__name__}: {e})"
+  else:
+    why = (f"the checkpoint was written with data.worker_count={saved['worker_count']}, "
+           f"this run has {workers}")
+  _say(f"[{name}] the data position was taken from the step ({step}): {why}")
+  return iter(pipeline.make_dataset(source, pcfg, start_step=step)), step
+
+
+def text_problems_up_front(source, pcfg, on_error: str, say=print) -> list:
+  """For a LLaVA JSON source (records in memory, already judged for structure and
+  images): every sample tokenized once before training, so that an over-long or
+  untemplatable record is named (on_error="fail": a DataError) or counted (skip) before
+  the first step, not when (if ever) its row comes up. Other sources (a prepared TFDS
+  folder, whose records carry their image bytes) are counted as their rows come up.
+  -> the problems (records.Problem) found."""
+  from data import pipeline  # pylint: disable=import-outside-toplevel
+  from data import records  # pylint: disable=import-outside-toplevel
+  from data import sources  # pylint: disable=import-outside-toplevel
+  base = getattr(source, "_source", source)
+  if not isinstance(base, sources.LlavaJsonSource):
+    return []
+  found = pipeline.text_problems(source, pcfg, progress=say)
+  if found and on_error == "fail":
+    raise records.DataError(records.fail_message(found[0]))
+  return found
+
+
+def data_position(it, offset: int, worker_count: int) -> dict:
+  """The data state a checkpoint stores: {"offset", "worker_count", "grain"}."""
+  return {"offset": int(offset), "worker_count": int(worker_count), "grain": it.get_state()}
+
+
+def _non_finite(loss: float, grad_norm: float, out) -> list[str]:
+  """Which of loss / gradient norm / parameters / optimizer state are not finite."""
+  checks = (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
+            ("parameters", bool(out["params_finite"])),
+            ("optimizer state", bool(out["opt_state_finite"])))
+  return [what for what, ok in checks if not ok]
+
+
+def _non_finite_error(name, stage_cfg, step, loss, grad_norm, ms, bad, ckpt):
+  """The one-line NonFiniteLossError of a step whose update is not adopted."""
+  good = ckpt.last_good_step()
+  kept = (f"The last good checkpoint (step {good}) in {ckpt.directory} is kept."
+          if good is not None else f"No checkpoint was written before it in {ckpt.directory}.")
+  lr = float(stage_cfg.optim.lr)
+  hint = (f" --config.{name}.optim.lr={lr:g} is not finite in float32: lower it."
+          if not abs(lr) <= np.finfo(np.float32).max else "")
+  return NonFiniteLossError(
+      f"[{name}] loss {loss}, gradient norm {grad_norm} at step {step} (m={ms.tolist()}): "
+      f"non-finite {', '.join(bad)}; stopping without adopting or saving this update. "
+      f"{kept}{hint}")
+
+
+def _start_state(config, name, stage_cfg, model_cfg, model, plan, ckpt, init_params):
+  """The stage's state: its newest checkpoint that restores, else a fresh one.
+  -> (state, data state or None, run record state or None, restored step or None)."""
+  resumed = ckpt.restore_latest(plan.abstract_state, say=_say)
+  if resumed is not None:
+    step, items = resumed
+    logging.info("%s: resumed from step %d", name, step)
+    _say(f"[{name}] resumed from checkpoint at step {step}")
+    if "run" not in items:
+      _say(f"[{name}] the checkpoint of step {step} has no run record (an older version "
+           f"wrote it): final_loss and the data counts cover the steps from {step} on")
+    return items["state"], items.get("data"), items.get("run"), step
+  p_shard = shardings_of(plan.abstract_state)["params"]
+  params = init_params if init_params is not None else fresh_params(
+      config, model_cfg, model, p_shard)
+  if init_params is not None and stage_cfg.get("reinit"):
+    params = reinit_params(params, stage_cfg.reinit,
+                           _random_params(config.seed + int(name[-1]), model_cfg, model,
+                                          p_shard, only=stage_cfg.reinit), name)
+  params = jax.device_put(params, p_shard)
+  state = jax.jit(plan.make_state, out_shardings=shardings_of(plan.abstract_state))(params)
+  return state, None, None, None
 
 
 def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, workdir: str,
                 init_params=None, plan: StagePlan | None = None) -> StageResult:
-  """Runs (or resumes) one stage; returns its final parameters. `plan`: the stage's
-  `plan_stage` (compiled here when not given)."""
+  """Runs (or resumes) one stage; returns its final parameters and its summary entry.
+  `plan`: the stage's `plan_stage` (compiled here when not given).
+
+  Resumes from the newest checkpoint that restores (newer unreadable ones are moved
+  aside), with the data position and the run record (last losses, data ledger) it
+  holds. A step whose loss, gradient norm, new parameters or optimizer state is not
+  finite raises NonFiniteLossError without adopting or saving it; a checkpoint that
+  cannot be written raises checkpoint.CheckpointWriteError."""
   plan = plan or plan_stage(config, name, stage_cfg, model_cfg, mesh)
-  model, sampler, sched = plan.model, plan.sampler, plan.sched
-  abstract_state, compiled = plan.abstract_state, plan.compiled
-  state_shardings = shardings_of(abstract_state)
-  p_shard = state_shardings["params"]
+  model, sampler, sched, compiled = plan.model, plan.sampler, plan.sched, plan.compiled
   total = int(stage_cfg.steps)
   stage_dir = os.path.join(workdir, name)
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), config.checkpoint.every,
-                               config.checkpoint.keep, config.checkpoint.use_async)
-
-  source = open_source(config, stage_cfg.data, workdir)
-  from data import pipeline  # pylint: disable=import-outside-toplevel
+                               config.checkpoint.keep, config.checkpoint.use_async, name=name)
+  source = open_source(config, stage_cfg.data, workdir, on_error=config.data.on_error)
   pcfg = pipeline_config(config, stage_cfg.data, model_cfg, workdir, train=True,
                          where=f"config.{name}.data")
-  dataset = pipeline.make_dataset(source, pcfg)
-  it = iter(dataset)
-
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract_state)
-    it.set_state(data_state)
-    logging.info("%s: resumed from step %d", name, latest)
-    print(f"[{name}] resumed from checkpoint at step {latest}", flush=True)
-  else:
-    params = init_params if init_params is not None else fresh_params(
-        config, model_cfg, model, p_shard)
-    if init_params is not None and stage_cfg.get("reinit"):
-      params = reinit_params(params, stage_cfg.reinit,
-                             _random_params(config.seed + int(name[-1]), model_cfg, model,
-                                            p_shard, only=stage_cfg.reinit), name)
-    params = jax.device_put(params, p_shard)
-    state = jax.jit(plan.make_state, out_shardings=state_shardings)(params)
-
+  say = lambda line: _say(f"[{name}] {line}")
+  state, data_state, run_state, restored = _start_state(
+      config, name, stage_cfg, model_cfg, model, plan, ckpt, init_params)
   start = int(jax.device_get(state["step"]))
+  record = (metrics_lib.StageRecord.from_state(run_state, source, log=say) if run_state
+            else metrics_lib.StageRecord.start(source, log=say))
+  record.add_problems(text_problems_up_front(source, pcfg, config.data.on_error, say))
+  it, offset = data_iterator(source, pcfg, name, start,
+                             data_state if restored is not None else None)
   progress = metrics_lib.Progress(stage_dir, name, total, first_step=start,
                                   every=config.log_every, is_main=jax.process_index() == 0)
-  losses = []
-  skipped_total = truncated_total = 0
+  finished = False
   try:
     for step in range(start, total):
       batch = next(it)
-      skipped_total += int(batch["skipped"].sum())
-      truncated_total += int(batch["truncated"].sum())
+      record.add_batch(batch)
       ms = sampler.sample(step)
       device_batch = shard_lib.put_batch(batch, mesh)
       new_state, out = compiled(state, device_batch, jax.device_put(ms, shard_lib.replicated(mesh)))
       loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        # The update of this step is not adopted, so nothing non-finite is saved.
-        raise NonFiniteLossError(
-            f"[{name}] loss {loss}, gradient norm {grad_norm} at step {step + 1} "
-            f"(m={ms.tolist()}); stopping. The last good checkpoint (step "
-            f"{ckpt.latest_step()}) in {ckpt.directory} is kept.")
+      bad = _non_finite(loss, grad_norm, out)
+      if bad:  # Not adopted, so nothing non-finite is saved.
+        raise _non_finite_error(name, stage_cfg, step + 1, loss, grad_norm, ms, bad, ckpt)
       state = new_state
-      losses.append(loss)
+      record.add_loss(loss)
       progress.update(step + 1, {"loss": loss, "m": float(ms.mean()),
                                  "grad_norm": grad_norm,
-                                 "lr": float(sched(step)), "skipped": skipped_total,
-                                 "truncated": truncated_total},
+                                 "lr": float(sched(step)), "skipped": record.skipped,
+                                 "truncated": record.truncated},
                       tokens=_input_tokens(batch, ms, model_cfg.image_token_id))
-      ckpt.save(step + 1, state, it.get_state(), force=step + 1 == total)
+      ckpt.save(step + 1, state, data_position(it, offset, pcfg.worker_count),
+                force=step + 1 == total, run_state=record.state())
+    finished = True
   finally:
-    ckpt.close()
     progress.close()
-  return StageResult(params=state["params"], final_step=total, losses=losses)
+    ckpt.close(quiet=not finished)
+  return StageResult(params=state["params"], final_step=total, losses=list(record.losses),
+                     summary=record.summary(total))
 
 
 def check_batch_size(field: str, batch_size: int, mesh, accum_steps: int = 1) -> None:
@@ -684,12 +818,15 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
   dry_run: only that (no data, weights or tokenizer are read); writes and returns the
   figures of `write_dry_run`."""
   t0 = time.perf_counter()
+  for note in config_lib.infer_data_kinds(config, cli.user_settings()):
+    _say(f"note: {note}")
   if not dry_run:
     check_paths(config)
   os.makedirs(workdir, exist_ok=True)
   if config.get("distributed", False):
     jax.distributed.initialize()
   model_cfg = model_config(config)
+  check_eval_ms(config, model_cfg)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)", flush=True)
@@ -712,10 +849,12 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
       result = train_stage(config, f"stage{n}", stage_cfg, model_cfg, mesh, workdir, init_params,
                            plans.pop(n))
       params = result.params
-      summary["stages"][f"stage{n}"] = {
-          "steps": result.final_step,
-          "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None}
-    if config.eval.ms and params is not None:
+      summary["stages"][f"stage{n}"] = result.summary
+    skipped = eval_skip_reason(config)
+    if skipped and config.eval.ms and params is not None:
+      _say(f"the end-of-run evaluation is skipped: {skipped}")
+      summary["eval"] = {"skipped": skipped}
+    elif config.eval.ms and params is not None:
       ms = [int(m) for m in config.eval.ms]
       result = evaluate(config, params, model_cfg, mesh, ms, workdir)
       chance = {**result.pop("chance"), **dict(config.eval.get("chance", {}) or {})}
@@ -730,6 +869,23 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
     path = metrics_lib.write_summary(workdir, summary)
     print(f"summary written to {path} ({summary['wall_time_s']:.0f} s)", flush=True)
   return summary
+
+
+def eval_skip_reason(config) -> str | None:
+  """Why the end-of-run evaluation must not run (None: it runs): a stage trains on the
+  user's data (kind json / tfds) while config.eval.data is still the built-in set, whose
+  accuracy would say nothing about that training."""
+  if config.eval.data.kind != "builtin":
+    return None
+  users = [f"stage{n}" for n in stages_to_run(config)
+           if config[f"stage{n}"].data.kind in ("json", "tfds")]
+  if not users:
+    return None
+  return (f"{', '.join(users)} trains on your data (kind "
+          f"{config[users[0]].data.kind}) but config.eval.data is the built-in synthetic "
+          f"set; set --config.eval.data.json_path=<held-out LLaVA JSON> and "
+          f"--config.eval.data.image_folder=<its images> (or eval.data.dataset_dir) to "
+          f"evaluate on held-out data")
 
 
 def load_params(directory: str, model_cfg: ModelConfig, mesh, config):

@@ -1,6 +1,7 @@
 """The evaluation sweep over m and the predict command, on a briefly trained tiny model."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from mqt import checkpoint as ckpt_lib
 from mqt import evaluate
 from mqt import inference
 from mqt import memory as mem_lib
+from mqt import scorers
 from mqt import train
 from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
 
@@ -88,6 +90,19 @@ def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
   with open(os.path.join(out, "predictions", "gqa_m9.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == sizes["gqa"] and all("prediction" in r for r in rows)
+  # The references are written as JSON: human answer lists for VQA, letters for ScienceQA.
+  with open(os.path.join(out, "predictions", "vqav2_m1.jsonl")) as f:
+    vqa = [json.loads(line)["answer"] for line in f]
+  assert len(vqa) == sizes["vqav2"]
+  assert all(isinstance(a, list) and a and all(isinstance(x, str) for x in a) for a in vqa)
+  with open(os.path.join(out, "predictions", "scienceqa_m1.jsonl")) as f:
+    assert all(json.loads(line)["answer"] in "ABCDE" for line in f)
+  assert saved["sources"] == {n: "builtin" for n in evaluate.BUILTIN}
+  assert set(saved["baselines"]) == set(evaluate.BUILTIN)
+  for name, b in saved["baselines"].items():
+    assert set(b) == {"chance", "image_blind"} and 0.0 <= b["chance"] <= 1.0, name
+  assert saved["baselines"]["pope"]["chance"] > 0.5  # F1 of always "yes".
+  assert printed.count("  baselines") == len(evaluate.BUILTIN)
   assert "synthetic accuracy" in printed and "prefill GFLOPs/image" in printed
   assert "m=9" in printed
 
@@ -135,7 +150,7 @@ def test_answers_do_not_depend_on_batch_mates(trained):
   """A row's greedy answer is the same alone and in a batch of prompts of other lengths."""
   config, workdir = trained
   loaded = inference.load(config, workdir)
-  qs = evaluate.load_benchmarks(config, ["synthetic", "scienceqa"], workdir, limit=2)
+  qs = evaluate.load_benchmarks(config, ["builtin"], workdir, limit=2)
   questions = qs["synthetic"] + qs["scienceqa"]
   prompts = [inference.encode_prompt(q.prompt, loaded.tokenizer, True) for q in questions]
   assert len({len(p) for p in prompts}) > 1
@@ -228,3 +243,258 @@ def test_predict_dry_run_prints_memory_and_reads_no_image(trained, tmp_path):
   assert "a CPU run on this host:" in dry.stderr
   real = _predict(common + ["--m=3"])
   assert real.returncode != 0 and "not_there.png does not exist" in real.stderr
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks from the user's files; named benchmarks need their paths.
+
+_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+
+
+def _photo(name: str, path) -> str:
+  """A scikit-image sample photo, shrunk, written to path (JPEG or PNG by suffix)."""
+  from skimage import data as skdata  # pylint: disable=import-outside-toplevel
+  img = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+  img.thumbnail((48, 48))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  img.save(path)
+  return str(path)
+
+
+def _dump(path, obj, lines: bool = False) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj))
+  return str(path)
+
+
+def _user_benchmarks(root) -> dict:
+  """Tiny POPE, ScienceQA, VQAv2 and GQA files in the published formats, with photos.
+  -> the config.eval.benchmarks fields to set."""
+  coco = root / "coco"
+  for i, name in enumerate(_PHOTOS, 1):
+    _photo(name, coco / f"COCO_val2014_{i:012d}.jpg")
+  pope = [{"question_id": 1, "image": "COCO_val2014_000000000001.jpg",
+           "text": "Is there a person in the image?", "label": "yes", "category": "random"},
+          {"question_id": 2, "image": "COCO_val2014_000000000002.jpg",
+           "text": "Is there a person in the image?", "label": "no", "category": "random"},
+          {"question_id": 3, "image": "COCO_val2014_000000000002.jpg",
+           "text": "Is there a cat in the image?", "label": "yes", "category": "random"}]
+  _dump(root / "pope" / "coco_pope_random.json", pope, lines=True)
+  _dump(root / "pope" / "coco_pope_adversarial.json",  # A JSON list is accepted too.
+        [dict(r, label="no" if r["label"] == "yes" else "yes") for r in pope[:2]])
+  sqa = root / "scienceqa"
+  _photo("rocket", sqa / "images" / "test" / "10" / "image.png")  # The release layout.
+  _photo("coffee", sqa / "images" / "test" / "11" / "image.png")
+  problems = {
+      "10": {"question": "What is shown?", "choices": ["a rocket", "a cup", "a cat"],
+             "answer": 0, "hint": "A launch pad.", "image": "image.png", "split": "test",
+             "subject": "natural science"},
+      "11": {"question": "What is shown?", "choices": ["a rocket", "a cup"], "answer": 1,
+             "hint": "", "image": "image.png", "split": "test", "subject": "social science"},
+      "12": {"question": "No picture?", "choices": ["yes", "no"], "answer": 0, "hint": "",
+             "image": None, "split": "test", "subject": "language science"}}
+  _dump(sqa / "problems.json", problems)
+  _dump(sqa / "pid_splits.json", {"test": ["10", "11", "12"], "train": []})
+  questions = [(101, 1, "What is the person wearing?", ["spacesuit"] * 7 + ["suit"] * 3),
+               (102, 2, "What animal is this?", ["cat"] * 10),
+               (103, 3, "What is in the cup?", ["coffee"] * 9 + ["tea"]),
+               (104, 5, "What is the man holding?", ["camera"] * 10)]
+  _dump(root / "vqa" / "questions.json", {"data_subtype": "val2014", "questions": [
+      {"question_id": q, "image_id": i, "question": t} for q, i, t, _ in questions]})
+  _dump(root / "vqa" / "annotations.json", {"annotations": [
+      {"question_id": q, "image_id": i, "answer_type": "other", "question_type": "what is",
+       "multiple_choice_answer": a[0], "answers": [{"answer": x, "answer_id": k + 1}
+                                                   for k, x in enumerate(a)]}
+      for q, i, _, a in questions]})
+  _dump(root / "gqa" / "testdev_balanced_questions.json", {
+      "g1": {"imageId": "COCO_val2014_000000000004", "question": "What is flying?",
+             "answer": "rocket", "types": {"structural": "query", "detailed": "objThisChoose"}},
+      "g2": {"imageId": "COCO_val2014_000000000002", "question": "Is the cat sleeping?",
+             "answer": "no", "types": {"structural": "verify", "detailed": "activity"}}})
+  return {"pope": {"folder": str(root / "pope"), "image_folder": str(coco)},
+          "scienceqa": {"problems": str(sqa / "problems.json"),
+                        "pid_splits": str(sqa / "pid_splits.json"),
+                        "image_folder": str(sqa / "images")},
+          "vqav2": {"questions": str(root / "vqa" / "questions.json"),
+                    "annotations": str(root / "vqa" / "annotations.json"),
+                    "image_folder": str(coco)},
+          "gqa": {"questions": str(root / "gqa" / "testdev_balanced_questions.json"),
+                  "image_folder": str(coco)}}
+
+
+def _with_paths(config, paths: dict):
+  config = config.copy_and_resolve_references()
+  for name, fields in paths.items():
+    config.eval.benchmarks[name].update(fields)
+  return config
+
+
+def test_user_benchmark_files_load_and_score(tmp_path):
+  config = _with_paths(tiny.get_config(), _user_benchmarks(tmp_path / "files"))
+  workdir = tmp_path / "run"
+  benches = evaluate.load_benchmarks(config, ["pope", "scienceqa", "vqav2", "gqa"],
+                                     str(workdir))
+  assert not workdir.exists()  # No built-in files were written or read.
+  assert {n: len(q) for n, q in benches.items()} == {"pope": 5, "scienceqa": 2, "vqav2": 4,
+                                                    "gqa": 2}
+  images = inference.load_images([q.image for qs in benches.values() for q in qs], 32)
+  assert images.shape == (13, 32, 32, 3) and float(images.std()) > 0.1  # Real photos.
+  pope, sqa, vqa, gqa = (benches[n] for n in ("pope", "scienceqa", "vqav2", "gqa"))
+  assert pope[0].qid == "adversarial/1" and pope[0].answer == "no"
+  assert sqa[0].prompt.startswith("Context: A launch pad.\nWhat is shown?\nA. a rocket\n")
+  assert vqa[0].image.endswith("COCO_val2014_000000000001.jpg")
+  assert vqa[0].answer == ["spacesuit"] * 7 + ["suit"] * 3
+
+  score = lambda name, preds: scorers.BENCHMARKS[name].score(benches[name], preds)
+  m = score("pope", {q.qid: "Yes" for q in pope})
+  assert m["random/accuracy"] == pytest.approx(2 / 3) and m["adversarial/accuracy"] == 0.5
+  assert m["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+  assert score("scienceqa", {"10": "A", "11": "The answer is A."})["accuracy"] == 0.5
+  m = score("vqav2", {"101": "Suit", "102": "a cat", "103": "coffee", "104": "phone"})
+  assert m["accuracy"] == pytest.approx((0.9 + 1 + 1 + 0) / 4)
+  assert score("gqa", {"g1": "Rocket.", "g2": "yes"})["accuracy"] == 0.5
+
+  b = {n: scorers.baselines(n, q) for n, q in benches.items()}
+  assert b["pope"]["chance"] == pytest.approx((0.8 + 2 / 3) / 2)
+  assert b["scienceqa"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+  # One question form ("what is"), every answer once: the first, "spacesuit", for all.
+  assert b["vqav2"] == {"chance": 0.0, "image_blind": pytest.approx(0.25)}
+  # The predictions files hold the reference as JSON: the human answers for VQA.
+  assert json.loads(json.dumps(evaluate.answer_json(vqa[0].answer))) == vqa[0].answer
+  assert evaluate.answer_json(("a", 1)) == ["a", 1] and evaluate.answer_json("B") == "B"
+
+
+def test_named_benchmarks_without_paths_fail_together_before_any_read(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.eval.benchmarks.vqav2.questions = "/data/vqa/questions.json"  # Partly set.
+  def no_read(*args, **kwargs):
+    raise AssertionError("a checkpoint or weights were read")
+  monkeypatch.setattr(inference, "resolve_paths", no_read)
+  monkeypatch.setattr(inference, "load", no_read)
+  workdir, out = tmp_path / "run", tmp_path / "out"
+  names = ["synthetic", "pope", "scienceqa", "vqav2", "gqa", "mme"]
+  with pytest.raises(ValueError) as e:
+    evaluate.sweep(config, str(workdir), [1], names, str(out))
+  lines = str(e.value).split("\n")
+  assert [l.split(":")[0] for l in lines] == [f"benchmark {n}" for n in names[1:]]
+  assert lines[0].startswith("benchmark pope: --config.eval.benchmarks.pope.folder, "
+                             "--config.eval.benchmarks.pope.image_folder are not set")
+  assert "--benchmarks=builtin for the built-in synthetic pope" in lines[0]
+  assert ("benchmark vqav2: --config.eval.benchmarks.vqav2.annotations, "
+          "--config.eval.benchmarks.vqav2.image_folder are not set") in lines[2]
+  assert "vqav2.questions" not in lines[2]
+  assert lines[4].startswith("benchmark mme: --config.eval.benchmarks.mme.root is not set")
+  assert "builtin" not in lines[4]  # MME has no built-in version.
+  with pytest.raises(ValueError, match=r"^benchmark gqa: .*gqa\.questions"):
+    evaluate.load_benchmarks(config, ["builtin", "gqa"], str(workdir))
+  assert not workdir.exists() and not out.exists()
+  assert evaluate.benchmark_sources(["builtin", "gqa"]) == {
+      "synthetic": "builtin", "pope": "builtin", "scienceqa": "builtin", "vqav2": "builtin",
+      "gqa": "files"}
+  assert evaluate.expand_names(["synthetic", " ", "builtin"]) == list(evaluate.BUILTIN)
+
+
+def test_builtin_reads_the_synthetic_files_even_when_paths_are_set(trained, capsys):
+  config, workdir = trained
+  config = _with_paths(config, {"pope": {"folder": "/data/pope", "image_folder": "/data/coco"}})
+  benches = evaluate.load_benchmarks(config, ["builtin"], workdir, limit=2)
+  root = evaluate.builtin_benchmark_dir(config, workdir)
+  assert all(q.image.startswith(root) for q in benches["pope"])
+  printed = capsys.readouterr().out
+  assert ("note: --benchmarks=builtin evaluates the built-in synthetic pope; "
+          "config.eval.benchmarks.pope is read only with --benchmarks=pope") in printed
+  assert "synthetic gqa" not in printed  # No gqa path is set.
+
+
+def test_sweep_on_user_files(trained, tmp_path):
+  config, workdir = trained
+  config = _with_paths(config, _user_benchmarks(tmp_path / "files"))
+  out = tmp_path / "eval"
+  res = evaluate.sweep(config, workdir, [2], ["pope", "vqav2"], str(out))
+  assert res["sources"] == {"pope": "files", "vqav2": "files"}
+  assert res["per_m"][2]["benchmarks"]["vqav2"]["n"] == 4
+  with open(out / "predictions" / "vqav2_m2.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["qid"] for r in rows] == ["101", "102", "103", "104"]
+  assert rows[1]["answer"] == ["cat"] * 10 and all(isinstance(r["prediction"], str)
+                                                   for r in rows)
+  with open(out / "results.json") as f:
+    assert json.load(f)["baselines"]["pope"]["chance"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+# ---------------------------------------------------------------------------
+# Plots: readable ticks and baselines.
+
+def _fake_results(ms, text_len=20, params=7e9):
+  """Results as the sweep writes them, for a 7B-like model (2 x params FLOPs per token)."""
+  per = {m: {"flops": {"prefill": 2 * params * (text_len + m)},
+             "benchmarks": {"pope": {"f1": 0.70 + 0.02 * i},
+                            "mme": {"perception": 1100.0 + 40 * i},
+                            "vqav2": {"accuracy": 0.5 + 0.03 * i}}}
+         for i, m in enumerate(ms)}
+  return {"ms": ms, "per_m": per, "benchmarks": ["pope", "mme", "vqav2"],
+          "headline": {"pope": "f1", "mme": "perception", "vqav2": "accuracy"},
+          "checkpoint": "/ckpt/stage2/checkpoints", "sources": {"pope": "builtin"},
+          "baselines": {"pope": {"chance": 0.667, "image_blind": 0.5},
+                        "mme": {"chance": 750.0, "image_blind": 820.0},
+                        "vqav2": {"chance": 0.0, "image_blind": 0.21}}}
+
+
+def _tick_labels(fig, ax):
+  """The drawn x tick labels (major and minor) inside the view, with their boxes."""
+  renderer = fig.canvas.get_renderer()
+  lo, hi = ax.get_xlim()
+  out = []
+  for labels, locs in ((ax.xaxis.get_majorticklabels(), ax.xaxis.get_majorticklocs()),
+                       (ax.xaxis.get_minorticklabels(), ax.xaxis.get_minorticklocs())):
+    for label, loc in zip(labels, locs):
+      if label.get_visible() and label.get_text() and lo <= loc <= hi:
+        out.append((label.get_text(), label.get_window_extent(renderer)))
+  return out
+
+
+@pytest.mark.parametrize("text_len", [20, 600])
+def test_plot_ticks_do_not_overlap_and_baselines_are_drawn(text_len):
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  ms = [1, 2, 4, 8, 16, 36, 64, 144, 256]
+  res = _fake_results(ms, text_len)
+  for kind in ("m", "flops"):
+    fig = evaluate.make_figure(res, kind)
+    fig.canvas.draw()
+    for ax, name in zip(fig.axes, res["benchmarks"]):
+      labels = _tick_labels(fig, ax)
+      texts = [t for t, _ in labels]
+      assert len(texts) >= 3, (kind, texts)
+      assert all(re.fullmatch(r"[\d,.]+", t) for t in texts), texts  # Plain numbers.
+      boxes = [b for _, b in labels]
+      overlaps = [(texts[i], texts[j]) for i in range(len(boxes))
+                  for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+      assert not overlaps, (kind, name, overlaps)
+      if kind == "m":
+        assert texts[0] == "1" and texts[-1] == "256"
+      curve = ax.get_lines()[0]
+      dashed = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+      want = res["baselines"][name]
+      assert [l.get_label().split(" ")[0] for l in dashed] == ["chance", "image-blind"]
+      assert [l.get_ydata()[0] for l in dashed] == [want["chance"], want["image_blind"]]
+      assert all(l.get_color() == curve.get_color() for l in dashed)
+      legend = [t.get_text() for t in ax.get_legend().get_texts()]
+      assert legend[1:] == [l.get_label() for l in dashed]
+    colours = {ax.get_lines()[0].get_color() for ax in fig.axes[:3]}
+    assert len(colours) == 3  # One colour per benchmark.
+    if kind == "flops":
+      unit = "TFLOPs" if text_len == 600 else "GFLOPs"
+      assert fig.axes[0].get_xlabel() == f"prefill {unit} per image"
+    plt.close(fig)
+
+
+def test_plot_writes_both_files_with_or_without_baselines(tmp_path):
+  res = _fake_results([2, 4])
+  paths = evaluate.plot(res, str(tmp_path))
+  del res["baselines"]
+  os.makedirs(tmp_path / "old")
+  paths += evaluate.plot(res, str(tmp_path / "old"))
+  for p in paths:
+    with Image.open(p) as img:
+      assert img.format == "PNG" and img.size[0] > 600

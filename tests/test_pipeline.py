@@ -99,6 +99,42 @@ def test_workers_give_the_same_batches(llava_dir):
     _same(a, b)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_started_at_step_k_continues_the_uninterrupted_one(llava_dir, workers):
+  """The trainer resumes with start_step when worker_count changed (grain's own state
+  differs with and without worker processes)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  root, tok, _ = llava_dir
+  cfg = _cfg(tok, worker_count=workers)
+  full = list(pipeline.make_dataset(_source(root), cfg))
+  k = 3
+  started = pipeline.make_dataset(_source(root), cfg, start_step=k)
+  rest = list(started)
+  assert len(rest) == len(full) - k > 2
+  for a, b in zip(full[k:], rest):
+    _same(a, b)
+  it = iter(started)  # Its own state round-trips too (counted from start_step).
+  next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  it2 = iter(started)
+  it2.set_state(state)
+  after = list(it2)
+  assert len(after) == len(rest) - 1
+  for a, b in zip(rest[1:], after):
+    _same(a, b)
+  if workers:
+    return  # The endless form below is the same grain graph; workers add only time.
+  endless = _cfg(tok, num_epochs=None)
+  head = list(itertools.islice(iter(pipeline.make_dataset(_source(root), endless)), k + 4))
+  tail = list(itertools.islice(iter(pipeline.make_dataset(_source(root), endless,
+                                                          start_step=k)), 4))
+  for a, b in zip(head[k:], tail):
+    _same(a, b)
+  assert len(tail) == 4
+  with pytest.raises(ValueError, match="start_step=-1"):
+    pipeline.make_dataset(_source(root), cfg, start_step=-1)
+
+
 def test_two_processes_get_disjoint_shards_that_cover(llava_dir):
   root, tok, records = llava_dir
   seen = []
@@ -163,33 +199,38 @@ def _write(tmp_path, records, images=("good.png",)):
 
 
 BAD = {
-    "missing image": ({"image": "nope.png", "conversations": _conv("q?", "a.")}, "nope.png"),
-    "corrupt image": ({"image": "corrupt.png", "conversations": _conv("q?", "a.")}, "corrupt.png"),
+    "missing image": ({"image": "nope.png", "conversations": _conv("q?", "a.")},
+                      "missing_image"),
+    "corrupt image": ({"image": "corrupt.png", "conversations": _conv("q?", "a.")},
+                      "corrupt_image"),
     "no <image> with an image": ({"image": "good.png", "conversations": _conv("q?", "a.", False)},
-                                 "bad"),
-    "<image> without image": ({"conversations": _conv("q?", "a.")}, "bad"),
+                                 "image_without_image_token"),
+    "<image> without image": ({"conversations": _conv("q?", "a.")}, "image_token_without_image"),
     "turns do not alternate": ({"image": "good.png", "conversations": _conv("q?", "a.") + [
-        {"from": "gpt", "value": "again"}]}, "bad"),
-    "too long": ({"image": "good.png", "conversations": _conv("q " * 300, "a.")}, "bad"),
+        {"from": "gpt", "value": "again"}]}, "not_alternating"),
+    "too long": ({"image": "good.png", "conversations": _conv("q " * 300, "a.")}, "overlong"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_sample_fails_naming_it(llava_dir, tmp_path, case):
   _, tok, _ = llava_dir
-  record, culprit = BAD[case]
+  record, reason = BAD[case]
   (tmp_path / "img").mkdir()
   (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
   path, folder = _write(tmp_path, [{"id": "fine", "image": "good.png",
                                     "conversations": _conv("q?", "a.")},
                                    {"id": "bad", **record}])
   cfg = _cfg(tok, overlong="reject", num_epochs=1, shuffle=False, group_by_modality=False)
-  with pytest.raises(DataError, match=r"sample bad\b.*") as err:
+  with pytest.raises(DataError) as err:
     list(pipeline.make_dataset(LlavaJsonSource(path, folder), cfg))
-  assert culprit in str(err.value)
-  skip = list(pipeline.make_dataset(LlavaJsonSource(path, folder),
-                                    _cfg(tok, overlong="reject", num_epochs=1, on_error="skip")))
-  assert sum(int(b["skipped"].sum()) for b in skip) == 1
+  assert str(err.value).startswith(f"{path}: record 1 (id 'bad'): {reason}: ")
+  src = LlavaJsonSource(path, folder, on_error="skip")
+  skip = list(pipeline.make_dataset(src, _cfg(tok, overlong="reject", num_epochs=1,
+                                              on_error="skip")))
+  found = src.problems + [p for b in skip for p in pipeline.batch_problems(b)]
+  assert [(p.index, p.id, p.reason) for p in found] == [(1, "bad", reason)]
+  assert sum(int(b["skipped"].sum()) for b in skip) == (reason == "overlong")
   assert sum(int(b["text_mask"].any(axis=1).sum()) for b in skip) == 1  # "fine" survives.
 
 
@@ -209,10 +250,12 @@ def test_malformed_json_names_the_file_and_place(tmp_path):
   with pytest.raises(DataError, match=r"broken.json: malformed JSON at line 2"):
     LlavaJsonSource(str(path), str(tmp_path))
   path.write_text(json.dumps([{"id": "x", "conversations": "hello"}]))
-  with pytest.raises(DataError, match=r"sample x: 'conversations' must be a list"):
+  with pytest.raises(DataError, match=r"record 0 \(id 'x'\): bad_turn: 'conversations' is a "
+                                      r"str, not a list"):
     LlavaJsonSource(str(path), str(tmp_path))
-  path.write_text(json.dumps([{"id": "x", "conversations": []}, {"id": "x", "conversations": []}]))
-  with pytest.raises(DataError, match=r"sample id x appears twice"):
+  path.write_text(json.dumps([{"id": "x", "conversations": _conv("q", "a", False)}] * 2))
+  with pytest.raises(DataError, match=r"record 1 \(id 'x'\): duplicate_id: id 'x' is already "
+                                      r"used by record 0"):
     LlavaJsonSource(str(path), str(tmp_path))
 
 
@@ -220,13 +263,17 @@ def test_tfds_prepare_skips_and_counts_missing_images(llava_dir, tmp_path):
   path, folder = _write(tmp_path, [
       {"id": "ok", "image": "good.png", "conversations": _conv("q?", "a.")},
       {"id": "gone", "image": "missing.png", "conversations": _conv("q?", "a.")}])
-  with pytest.raises(Exception, match=r"sample gone: image .*missing.png is missing"):
+  with pytest.raises(DataError, match=r"record 1 \(id 'gone'\): missing_image: no image file "
+                                      r".*missing.png"):
     prepare.prepare_llava(path, folder, "strict", str(tmp_path / "tfds"))
   out = prepare.prepare_llava(path, folder, "lenient", str(tmp_path / "tfds"), on_error="skip")
   import tensorflow_datasets as tfds
   meta = tfds.builder_from_directory(out).info.metadata
-  assert [s[0] for s in meta["skipped"]["train"]] == ["gone"]
-  assert len(TfdsSource(out, "train")) == 1
+  assert [(s["index"], s["id"], s["reason"]) for s in meta["skipped"]["train"]] == [
+      (1, "gone", "missing_image")]
+  src = TfdsSource(out, "train")
+  assert len(src) == 1 and src.total == 2 and src.judged
+  assert [(p.id, p.reason) for p in src.problems] == [("gone", "missing_image")]
 
 
 def test_builtin_set_from_another_generator_version_is_refused(tmp_path):
@@ -277,28 +324,29 @@ def test_rounds_source_gives_one_sample_per_round_and_loses_nothing(llava_dir):
            dict(records[-1], id="t0", conversations=_conv("One?", "Two.", False) * 2),
            dict(records[1], id="odd", conversations=_conv("Q?", "A.")[:1])]
   (root / "multi.json").write_text(json.dumps(multi))
-  base = LlavaJsonSource(str(root / "multi.json"), str(root / "images"))
+  with pytest.raises(DataError, match=r"record 2 \(id 'odd'\): not_alternating"):
+    LlavaJsonSource(str(root / "multi.json"), str(root / "images"))
+  base = LlavaJsonSource(str(root / "multi.json"), str(root / "images"), on_error="skip")
   src = RoundsSource(base)
-  assert [src[i]["id"] for i in range(len(src))] == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1",
-                                                     "odd"]
-  np.testing.assert_array_equal(src.has_image, [True, True, True, False, False, True])
+  assert [src[i]["id"] for i in range(len(src))] == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1"]
+  # The unpaired record is judged whole up front: counted, not dropped.
+  assert [(p.id, p.reason) for p in src.problems] == [("odd", "not_alternating")]
+  assert src.total == 3
+  np.testing.assert_array_equal(src.has_image, [True, True, True, False, False])
   assert src[1]["conversations"] == _conv("Is it big?", "Yes.")  # The image moved in.
   assert src[2]["image_path"] == base[0]["image_path"] and src[2]["meta"]["round"] == 2
   assert src[4]["conversations"] == _conv("One?", "Two.", False)
-  # The unpaired record stays whole, so decoding names it instead of dropping it.
   batches = list(pipeline.make_dataset(src, _cfg(tok, batch_size=6, num_epochs=1,
                                                   shuffle=False, group_by_modality=False,
                                                   template="qa", on_error="skip")))
   b = batches[0]
-  assert list(b["sample_id"]) == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1", "odd"]
-  np.testing.assert_array_equal(b["skipped"], [False] * 5 + [True])
+  assert list(b["sample_id"]) == ["m0#0", "m0#1", "m0#2", "t0#0", "t0#1", ""]
+  assert list(b["record"]) == [(0, "m0")] * 3 + [(1, "t0")] * 2 + [None]
+  np.testing.assert_array_equal(b["skipped"], [False] * 6)
   for r in range(5):  # One answer per row, and the image (if any) after its question.
     ids = b["input_ids"][r][b["text_mask"][r]]
     assert (b["labels"][r] == tokenizer_lib.Tokenizer.load(tok).eos_id).sum() == 1
     assert (ids == IMAGE_TOKEN_ID).sum() == (1 if r < 3 else 0)
-  with pytest.raises(DataError, match="sample odd"):
-    list(pipeline.make_dataset(src, _cfg(tok, batch_size=6, num_epochs=1, shuffle=False,
-                                          group_by_modality=False, template="qa")))
 
 
 class _Counting:
@@ -306,6 +354,7 @@ class _Counting:
 
   def __init__(self, source, hide_turns=False):
     self._source, self.reads, self.has_image = source, 0, source.has_image
+    self.judged = source.judged  # Judged at preparation: RoundsSource need not read them.
     if not hide_turns:
       self.turns = source.turns
 
@@ -325,19 +374,20 @@ def test_tfds_turn_counts_split_rounds_without_reading_records(llava_dir, tmp_pa
            dict(records[1], id="odd", conversations=_conv("Q?", "A.")[:1])]
   (root / "multi_tfds.json").write_text(json.dumps(multi))
   out = prepare.prepare_llava(str(root / "multi_tfds.json"), str(root / "images"), "rounds",
-                              str(tmp_path))
+                              str(tmp_path), on_error="skip")
   src = TfdsSource(out, "train")
-  np.testing.assert_array_equal(src.turns, [4, 6, 1])
+  np.testing.assert_array_equal(src.turns, [4, 6])
+  assert [(p.index, p.id, p.reason) for p in src.problems] == [(2, "odd", "not_alternating")]
   fast, slow = _Counting(src), _Counting(src, hide_turns=True)
   a, b = RoundsSource(fast), RoundsSource(slow)
-  assert fast.reads == 0 and slow.reads == 3  # Metadata instead of one read per record.
+  assert fast.reads == 0 and slow.reads == 2  # Metadata instead of one read per record.
   assert [a[i]["id"] for i in range(len(a))] == [b[i]["id"] for i in range(len(b))] == [
-      "m0#0", "m0#1", "t0#0", "t0#1", "t0#2", "odd"]
+      "m0#0", "m0#1", "t0#0", "t0#1", "t0#2"]
   np.testing.assert_array_equal(a.has_image, b.has_image)
-  fast.turns = np.array([4, 8, 1])  # Counts that promise more than a record holds.
-  with pytest.raises(DataError, match="sample t0: 6 turns, but the source's turn counts "
-                     "promised round 3"):
+  fast.turns = np.array([4, 8])  # Counts that promise more than a record holds.
+  with pytest.raises(DataError, match="record 1 \\(id 't0'\\): 6 turns, but the source's "
+                     "turn counts promised round 3"):
     RoundsSource(fast)[5]
-  fast.turns = np.array([4, 6])
-  with pytest.raises(DataError, match="3 records but 2 turn counts"):
+  fast.turns = np.array([4])
+  with pytest.raises(DataError, match="2 records but 1 turn counts"):
     RoundsSource(fast)

@@ -528,3 +528,148 @@ def test_synthetic_benchmarks(tmp_path):
   assert m["accuracy"] == pytest.approx(1 / len(synthetic.IMAGE_TYPES))
   for q in pope + sqa + vqa + gqa + syn:
     assert os.path.isabs(q.image) and os.path.isfile(q.image)
+
+
+# ---------------------------------------------------------------------------
+# Baselines (chance and image-blind), in each benchmark's headline metric.
+
+def test_question_prefix_is_the_question_form():
+  assert S.question_prefix("Is there an apple in the image?") == "is there a"
+  assert S.question_prefix("Is there a dog in the image?\nAnswer yes.") == "is there a"
+  assert S.question_prefix("What color is the car?") == "what color is"
+  assert S.question_prefix("How many?") == "how many"
+
+
+def test_pope_baselines_by_hand(tmp_path):
+  _pope_split(tmp_path, "random", ["yes", "yes", "yes", "yes", "no"])
+  _pope_split(tmp_path, "popular", ["no", "no", "yes"])
+  _pope_split(tmp_path, "adversarial", ["no", "yes"])  # A tie: "yes" is more frequent overall.
+  qs = S.load_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
+  b = S.baselines("pope", qs)
+  assert set(b) == {"chance", "image_blind"}
+  # chance: F1 of always "yes" per split (2p / (1 + p), p the yes rate), averaged.
+  assert b["chance"] == pytest.approx((2 * .8 / 1.8 + 0.5 + 2 / 3) / 3)
+  # image-blind: one form per split; random -> "yes", popular -> "no" (F1 0),
+  # adversarial -> "yes" (the tie goes to the answer more frequent in all files).
+  assert b["image_blind"] == pytest.approx((2 * .8 / 1.8 + 0.0 + 2 / 3) / 3)
+  assert S.baselines_pope(qs) == b
+
+
+def test_scienceqa_and_mmbench_baselines(tmp_path):
+  p, s, images = _scienceqa_files(tmp_path)
+  qs = S.load_scienceqa(p, s, images)
+  b = S.baselines("scienceqa", qs)
+  assert b["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+  assert b["image_blind"] == 1.0  # One question per form: its own answer is the majority.
+  img, _ = _b64_png((10, 200, 30))
+  path = _mmbench_tsv(tmp_path, [
+      {"index": "5", "question": "What is the color?", "A": "red", "B": "green", "C": "blue",
+       "answer": "B", "category": "c", "image": img},
+      {"index": "6", "question": "Which shape?", "A": "circle", "B": "square",
+       "answer": "A", "category": "s", "image": img}])
+  mm = S.load_mmbench(path, tmp_path / "cache")
+  b = S.baselines("mmbench", mm)
+  # Circular: every rotation right, (1/3)^3 and (1/2)^2.
+  assert b["chance"] == pytest.approx(((1 / 3) ** 3 + (1 / 2) ** 2) / 2)
+  assert b["image_blind"] == 0.0  # One letter for every rotation is never all right.
+  single = S.load_mmbench(path, tmp_path / "cache", circular=False)
+  assert S.baselines("mmbench", single)["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_mme_baselines_by_hand(tmp_path):
+  _mme_folder(tmp_path)
+  b = S.baselines("mme", S.load_mme(tmp_path))
+  # Perception (existence, artwork): per subtask 50 (acc) + 100 x 0.5^2 (acc+).
+  assert b["chance"] == pytest.approx(2 * (50 + 25))
+  # Forms: "is it red" -> yes, "is it blue" -> no, "is there a" (cat yes, dog no: a tie
+  # overall too) -> the first seen, yes: existence acc 75, acc+ 50. Artwork: "is this by"
+  # and "is it a" are ties -> yes: acc 50, acc+ 0.
+  assert b["image_blind"] == pytest.approx(125 + 50)
+
+
+def test_vqa_and_gqa_baselines_by_hand():
+  def q(qid, text, answers, qtype):
+    return S.Question(qid, None, text + SHORT, answers,
+                      {"question_type": qtype, "multiple_choice_answer": None})
+  qs = [q("1", "What color is the car?", ["red"] * 10, "what color is the"),
+        q("2", "What color is the bus?", ["blue"] * 8 + ["red"] * 2, "what color is the"),
+        q("3", "What color is the van?", ["red"] * 9 + ["white"], "what color is the"),
+        q("4", "How many dogs?", ["2"] * 10, "how many")]
+  b = S.baselines("vqav2", qs)
+  assert b["chance"] == 0.0
+  # "what color is the" -> "red" (2 of 3): 1.0, 0.6 (2 humans said red), 1.0; "how many": 1.
+  assert b["image_blind"] == pytest.approx((1 + 0.6 + 1 + 1) / 4)
+  gqa = [S.Question(f"g{i}", None, t + SHORT, a, {"detailed": d}) for i, (t, a, d) in
+         enumerate([("What color is it?", "red", "color"), ("Which color?", "red", "color"),
+                    ("What color is that?", "blue", "color"), ("Is it left?", "no", "place")])]
+  b = S.baselines("gqa", gqa)
+  assert b == {"chance": 0.0, "image_blind": pytest.approx(3 / 4)}
+
+
+def test_synthetic_baselines_reuse_chance_rates(tmp_path):
+  info = synthetic.generate(str(tmp_path), n_caption=2, n_instruct=2, n_eval_per_type=5)
+  syn = S.load_synthetic(os.path.join(str(tmp_path), "eval.json"), str(tmp_path))
+  b = S.baselines("synthetic", syn)
+  # The same number of questions per type: the overall rates are the means over types.
+  assert b["chance"] == pytest.approx(np.mean(list(info["chance_uniform"].values())))
+  assert b["image_blind"] == pytest.approx(np.mean(list(info["chance"].values())))
+  assert 0 < b["chance"] < b["image_blind"] < 1
+
+
+def test_baselines_errors():
+  with pytest.raises(ValueError, match=r"no baselines for benchmark 'coco'"):
+    S.baselines("coco", [])
+  with pytest.raises(ValueError, match=r"gqa: no questions"):
+    S.baselines("gqa", [])
+  with pytest.raises(ValueError, match=r"pope: 1 questions have no reference answer.*'x'"):
+    S.baselines("pope", [S.Question("x", None, "Is there a cat?", None, {"split": "r"})])
+  assert set(S.BASELINES) == set(S.BENCHMARKS) == set(S.HEADLINE)
+
+
+# ---------------------------------------------------------------------------
+# Broken question files: one error naming the file and the record.
+
+def test_missing_images_name_the_question_file_and_record(tmp_path):
+  _png(tmp_path / "img" / "ok.jpg")
+  pope = _write(tmp_path / "pope" / "coco_pope_random.json", "\n".join(
+      json.dumps({"question_id": i, "image": name, "text": "Is there a cat?", "label": "no"})
+      for i, name in ((1, "ok.jpg"), (2, "gone.jpg"))) + "\n")
+  with pytest.raises(FileNotFoundError) as e:
+    S.load_pope(pope, tmp_path / "img")
+  msg = str(e.value)
+  assert msg.startswith(f"{pope}: pope question random/2 (record 2): image not found: ")
+  assert msg.endswith("gone.jpg") and "\n" not in msg
+  q = _json(tmp_path / "q.json", {"questions": [
+      {"question_id": 1, "question": "x", "image": "ok.jpg"},
+      {"question_id": 5, "question": "y", "image": "lost.jpg"}]})
+  a = _json(tmp_path / "a.json", {"annotations": [{"question_id": i, "answers": ["z"]}
+                                                  for i in (1, 5)]})
+  with pytest.raises(FileNotFoundError, match=rf"^{q}: vqav2 question 5 \(question 1\): "
+                     r"image not found: .*lost\.jpg$"):
+    S.load_vqav2(q, a, tmp_path / "img")
+  p, s, images = _scienceqa_files(tmp_path / "sqa")
+  os.remove(os.path.join(images, "flat", "2.png"))
+  with pytest.raises(FileNotFoundError, match=rf"^{p}: scienceqa question 2: image not found"):
+    S.load_scienceqa(p, s, images)
+  _mme_folder(tmp_path / "mme")
+  os.remove(tmp_path / "mme" / "artwork" / "images" / "d.png")
+  with pytest.raises(FileNotFoundError, match=r"questions_answers_YN/d\.txt: mme question "
+                     r"artwork/d/0: image not found"):
+    S.load_mme(tmp_path / "mme")
+
+
+def test_broken_records_name_file_and_record(tmp_path):
+  _png(tmp_path / "i.jpg")
+  good = {"question_id": 1, "image": "i.jpg", "text": "t", "label": "yes"}
+  path = _json(tmp_path / "pope" / "x_pope_random.json",
+               [good, {**good, "question_id": 2, "label": "maybe"}])
+  with pytest.raises(ValueError, match=r"x_pope_random\.json: record 2 label 'maybe' is not "
+                     r"yes/no"):
+    S.load_pope(path, tmp_path)
+  path = _write(tmp_path / "q2.json", json.dumps({"questions": [{"question": "x"}]}))
+  with pytest.raises(ValueError, match=r"q2\.json: record 'question 0' has no field "
+                     r"'question_id'"):
+    S.load_vqav2(path, None, tmp_path)
+  path = _write(tmp_path / "problems.json", '{"1": {"question": "q",, }}')
+  with pytest.raises(ValueError, match=r"problems\.json: malformed JSON at line 1"):
+    S.load_scienceqa(path, path, tmp_path)

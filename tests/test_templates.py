@@ -69,9 +69,12 @@ def hf_comparable(texts):
   starts with a space, where SentencePiece (and transformers 4's slow and fast
   LLaMA tokenizers) add one: " 4" -> "▁▁4" there, "▁4" here. That hits the
   first segment, and with legacy=True every segment after a special token.
-  LLaVA's prompts have no such segment unless a turn holds "<s> ", "<unk> ".
+  LLaVA's prompts have no such segment unless a turn holds "<s> ", "<unk> ", or
+  a first question is "<image>" alone (the chunk after the image is then
+  " ASSISTANT: ..."). `texts` may be turn values or rendered prompts.
   """
-  return not any(re.search(r"(<s>|</s>|<unk>)\s", t) for t in texts)
+  return not any(re.search(r"(<s>|</s>|<unk>)\s|<image> ASSISTANT", t) or t.strip() == "<image>"
+                 for t in texts)
 
 
 def hf_llama(path, legacy, tmp_path):
@@ -97,8 +100,8 @@ class OfficialLlava:
 
   def vicuna(self, conversations, has_image):
     conv = [dict(t) for t in conversations]
-    if has_image:
-      conv[0]["value"] = "<image>\n" + conv[0]["value"].replace("<image>", "").strip()
+    if has_image:  # preprocess_multimodal: the text stripped, then the whole stripped.
+      conv[0]["value"] = ("<image>\n" + conv[0]["value"].replace("<image>", "").strip()).strip()
     prompt = templates.SYSTEM + " "
     for t in conv:
       human = t["from"] == "human"
@@ -153,6 +156,11 @@ CONVERSATIONS = {
                             True),
     "special texts inside turns": ([H("<image>\nIs <s> a tag?"), G("Yes, <s> and <unk> are."),
                                     H("<unk>?"), G("<s>")], True),
+    "image alone": ([H("<image>"), G("A red circle."), H("  Colour? \n"), G("Red.")], True),
+    "spaces around image and text": ([H(" \n <image>\n  What is shown?\n "), G("Two."),
+                                      H("\n How many? "), G(" 2 ")], True),
+    "text-only, spaces kept": ([H("  The answer is 42? \n"), G("Not 7."), H(" And? "), G("Yes.")],
+                               False),
 }
 
 
@@ -372,3 +380,140 @@ def test_one_round_moves_the_image_into_the_asked_question():
   assert templates.one_round(conv, 0, True)[0]["value"] == "<image>\nWhat colour?"
   assert templates.one_round(conv, 1, False)[0]["value"] == "How many?"
   assert conv[2]["value"] == "How many?"  # The input is left as it was.
+
+
+def _reference_ids(tokenize, legacy, text):
+  """`text` tokenised whole the official way (split at `<image>`, BOS once)."""
+  return OfficialLlava(tokenize, legacy).image_tokens(text) if "<image>" in text else tokenize(text)
+
+
+S = templates.SYSTEM
+# (template, history, question, has_image, the prompt string LLaVA would build).
+PROMPTS = {
+    "vicuna, image in the first question, two rounds": (
+        "vicuna_v1", [("<image>\nWhat is shown?", "A red circle."), ("How many objects?", "Two.")],
+        "Is there a dog?", True,
+        S + " USER: <image>\nWhat is shown? ASSISTANT: A red circle.</s>USER: How many objects? "
+        "ASSISTANT: Two.</s>USER: Is there a dog? ASSISTANT:"),
+    "vicuna, image added, texts verbatim": (
+        "vicuna_v1", [("  What is shown? ", "A red circle.")], " And now?\n", True,
+        S + " USER: <image>\n  What is shown?  ASSISTANT: A red circle.</s>USER:  And now?\n "
+        "ASSISTANT:"),
+    "vicuna, <image> in a spaced question is stripped": (
+        "vicuna_v1", [(" \n<image>\n  What?  \n", "Red.")], "  More? ", True,
+        S + " USER: <image>\nWhat? ASSISTANT: Red.</s>USER:   More?  ASSISTANT:"),
+    "vicuna, one question, image added verbatim": (
+        "vicuna_v1", [], "  What is shown?\n ", True,
+        S + " USER: <image>\n  What is shown?\n  ASSISTANT:"),
+    "vicuna, one question with <image> mid-text": (
+        "vicuna_v1", [], " What is <image> shown? \n", True,
+        S + " USER: <image>\nWhat is  shown? ASSISTANT:"),
+    "vicuna, <image> alone": ("vicuna_v1", [], "\n<image>\n", True,
+                              S + " USER: <image> ASSISTANT:"),
+    "vicuna, text-only, spaces kept": (
+        "vicuna_v1", [("  Hi? ", "Hello.")], "Bye?\n", False,
+        S + " USER:   Hi?  ASSISTANT: Hello.</s>USER: Bye?\n ASSISTANT:"),
+    "qa, image after the first question": (
+        "qa", [("What is shown?\n<image>", "A red circle.")], "How many?", True,
+        "USER: What is shown?<image>ASSISTANT: A red circle.</s>USER: How many? ASSISTANT:"),
+    "qa, image added, question verbatim": (
+        "qa", [], "  What?  ", True, "USER:   What?  <image>ASSISTANT:"),
+    "qa, text-only": ("qa", [("How many digits?", "One.")], "Why?", False,
+                      "USER: How many digits? ASSISTANT: One.</s>USER: Why? ASSISTANT:"),
+}
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_prompt_for_conversation_is_the_llava_prompt(model_path, legacy, name, tmp_path):
+  template, history, question, has_image, text = PROMPTS[name]
+  tok = load(model_path, legacy)
+  got = templates.prompt_for_conversation(history, question, tok, template, has_image)
+  references = [slow_llama(model_path, legacy)]
+  if hf_comparable([text]):
+    references.append(hf_llama(model_path, legacy, tmp_path))
+  for tokenize in references:
+    assert got == _reference_ids(tokenize, legacy, text)
+  assert got.count(IMAGE_TOKEN_ID) == int(has_image) and got.count(tok.bos_id) == 1
+  assert got.count(tok.eos_id) == len(history)
+  assert tok.decode(got).endswith(" ASSISTANT:")
+  if not history:
+    assert templates.prompt_for_generation(question, tok, template, has_image) == got
+
+
+def test_hf_compared_prompts_are_most_of_them():
+  assert sum(hf_comparable([p[-1]]) for p in PROMPTS.values()) == len(PROMPTS) - 1
+
+
+def _last_answer_start(labels):
+  """Index of the first label of the last answer span."""
+  return max(i for i in range(1, len(labels))
+             if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("template", ["vicuna_v1", "qa"])
+def test_conversation_prompt_is_the_training_prefix(model_path, legacy, template):
+  tok = load(model_path, legacy)
+  for name, (conv, has_image) in sorted(CONVERSATIONS.items()):
+    ids, labels = templates.encode_conversation(conv, tok, template, has_image, name)
+    history = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 2, 2)]
+    prompt = templates.prompt_for_conversation(history, conv[-2]["value"], tok, template,
+                                               has_image)
+    start = _last_answer_start(labels)
+    assert prompt == ids[:start], name
+    assert ids[start:] == tok.encode(" " + conv[-1]["value"] + "</s>", dummy_prefix=False), name
+
+
+def test_training_strips_only_the_first_question_with_an_image(model_path):
+  tok = load(model_path, False)
+  tokenize = slow_llama(model_path, False)
+  conv = [H(" \n<image>\n  What?  \n"), G("Red."), H("  More? "), G(" Two ")]
+  ids, _ = templates.encode_conversation(conv, tok, "vicuna_v1", True)
+  assert ids == _reference_ids(tokenize, False, S + " USER: <image>\nWhat? ASSISTANT: Red.</s>"
+                               "USER:   More?  ASSISTANT:  Two </s>")
+  conv = [H("  What?  \n"), G("Red.")]
+  ids, _ = templates.encode_conversation(conv, tok, "vicuna_v1", False)
+  assert ids == tokenize(S + " USER:   What?  \n ASSISTANT: Red.</s>")
+  assert templates.image_first("\n<image>\n") == "<image>"
+  assert templates.image_first(" a <image> b ") == "<image>\na  b"
+
+
+PROMPT_ERRORS = {
+    "^the plain template needs an image": ([], "q", "plain", False),
+    "^the plain template has one round; got a history of 1": ([("<image>", "a")], "q", "plain",
+                                                               True),
+    r"^history\[0\] is 'q a'; expected a \(question, answer\) pair of strings": (["q a"], "q",
+                                                                                "vicuna_v1", True),
+    r"^history\[1\] is \('q2',\); expected": ([("q", "a"), ("q2",)], "q", "vicuna_v1", True),
+    r"^history must be a list of \(question, answer\) pairs, got str": ("q", "q", "qa", True),
+    r"^<image> outside the first question \(history\[0\] answer\)": ([("q", "a <image>")], "q2",
+                                                                      "vicuna_v1", True),
+    r"^<image> outside the first question \(the question\)": ([("q", "a")], "<image> q2", "qa",
+                                                               True),
+    r"^a prompt without image has <image> in history\[0\] question": ([("<image> q", "a")], "q2",
+                                                                       "vicuna_v1", False),
+    "^<image> appears 2 times in the question; at most one": ([], "<image><image>", "vicuna_v1",
+                                                              True),
+    r"^history\[0\] answer is empty": ([("q", "")], "q2", "vicuna_v1", True),
+    "^the question is empty": ([], "", "vicuna_v1", False),
+    r"^history\[0\] answer contains the literal text '</s>'": ([("q", "a</s>b")], "q2", "qa",
+                                                               True),
+    "^unknown template 'chatml'": ([], "q", "chatml", True),
+}
+
+
+@pytest.mark.parametrize("message", sorted(PROMPT_ERRORS))
+def test_bad_prompts_name_the_culprit(model_path, message):
+  history, question, template, has_image = PROMPT_ERRORS[message]
+  tok = load(model_path, True)
+  with pytest.raises(ConversationError, match=message) as e:
+    templates.prompt_for_conversation(history, question, tok, template, has_image)
+  assert "\n" not in str(e.value)
+
+
+def test_plain_generation_prompt_needs_an_image(model_path):
+  tok = load(model_path, True)
+  with pytest.raises(ConversationError, match="^the plain template needs an image"):
+    templates.prompt_for_generation("q", tok, "plain", has_image=False)
+  assert templates.prompt_for_generation("any text", tok, "plain", True) == [1, IMAGE_TOKEN_ID]

@@ -63,17 +63,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert int(state["step"]) == 1
 
 
-def test_summary_and_progress(tmp_path, capsys):
-  config = _tiny(tmp_path, tmp_path / "data", steps=3)
+# Captions of the tiny built-in set have 18-45 text tokens: 48 - M + 1 = 40 rejects a few.
+SKIP_MAX_LEN = 48
+
+
+def test_summary_progress_and_skipped_records(tmp_path, capsys):
+  """One run: the progress lines, the evaluation and summary.json; over-long captions
+  (overlong=reject, on_error=skip) logged once per reason and counted by record."""
+  config = _tiny(tmp_path, tmp_path / "data", steps=6)
   config.eval.ms = (1, 9)
   config.eval.data.batch_size = 12  # The mesh has 8 batch shards.
+  config.data.overlong = "reject"
+  config.data.on_error = "skip"
+  config.stage1.data.max_len = SKIP_MAX_LEN
   with pytest.raises(ValueError, match=r"--config.eval.data.batch_size=12 does not divide over "
                      r"the 8 batch shards"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   config.eval.data.batch_size = 8
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   out = capsys.readouterr().out
-  assert "[stage1] step 3/3  loss" in out and "tok/s  ETA 0m00s" in out
+  assert "[stage1] step 6/6  loss" in out and "tok/s  ETA 0m00s" in out
   assert "held-out teacher-forced answer accuracy per m" in out
   assert math.isfinite(summary["stages"]["stage1"]["final_loss"])
   # Chance per question type comes from the held-out records (majority answer per form).
@@ -81,6 +90,12 @@ def test_summary_and_progress(tmp_path, capsys):
   assert all(0 < c <= 1 for c in summary["eval"]["chance"].values())
   assert os.path.exists(tmp_path / "run" / "summary.json")
   assert os.listdir(tmp_path / "run" / "stage1" / "tensorboard" / "stage1")
+  lines = [x for x in out.splitlines() if "skipping records" in x]
+  assert len(lines) == 1 and lines[0].startswith("[stage1] skipping records: overlong (first: ")
+  data = summary["stages"]["stage1"]["data"]
+  assert data["total"] == 32 and 0 < data["skipped"]["overlong"] == data["skipped_total"] < 32
+  assert data["used"] == 32 - data["skipped_total"]
+  assert "  skipped " in out  # The progress line's counter.
 
 
 @pytest.mark.parametrize("processes,index,order", [
@@ -145,3 +160,28 @@ def test_stage2_reinit_starts_the_matching_parameters_afresh(tmp_path):
   with pytest.raises(ValueError, match=r"stage2.reinit='\^lm/' matches no parameter"):
     train.reinit_params({"llm": {"w": np.zeros(2)}}, "^lm/", {"llm": {"w": np.ones(2)}},
                         "stage2")
+
+
+def test_m_out_of_range_is_named_before_any_training(tmp_path):
+  config = _tiny(tmp_path, tmp_path / "data", steps=2)
+  config.eval.ms = (1, 10)
+  with pytest.raises(ValueError, match=r"^--config.eval.ms=\(1, 10\): m=10 is out of range"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.eval.ms = ()
+  config.run_stages = "1,2"
+  config.stage2.matryoshka.kind = "fixed"
+  config.stage2.matryoshka.m = 12
+  with pytest.raises(ValueError, match=r"^--config.stage2.matryoshka.m=12: m=12 is out of "):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "stage1")  # Stage 1 never started.
+
+
+def test_the_evaluation_is_skipped_for_user_data_without_held_out_data(tmp_path):
+  config = _tiny(tmp_path, tmp_path / "data")
+  assert train.eval_skip_reason(config) is None  # Built-in training keeps its evaluation.
+  config.stage1.data.kind = "json"
+  reason = train.eval_skip_reason(config)
+  assert reason.startswith("stage1 trains on your data (kind json) but config.eval.data is "
+                           "the built-in synthetic set; set --config.eval.data.json_path=")
+  config.eval.data.kind = "json"
+  assert train.eval_skip_reason(config) is None
