@@ -26,7 +26,8 @@ SentencePiece pieces never span "x▁". Each chunk is then checked against its
 whole-chunk tokenization; a disagreement raises `ConversationError`
 (the official code would silently mask the sample).
 """
-from data.tokenizer import Tokenizer
+# The tokenizer (a data.tokenizer.Tokenizer) is an argument, not an import: data.tokenizer
+# imports data.records, which imports this module.
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = -200
@@ -41,7 +42,7 @@ class ConversationError(ValueError):
   """A sample whose conversation cannot be templated; the message names it."""
 
 
-def encode_conversation(conversations, tokenizer: Tokenizer, template: str, has_image: bool,
+def encode_conversation(conversations, tokenizer: "Tokenizer", template: str, has_image: bool,
                         sample_id="?") -> tuple[list[int], list[int]]:
   """LLaVA conversation -> (input_ids, labels).
 
@@ -72,7 +73,7 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template: str, has_
                             f"consistently: {e}") from None
 
 
-def prompt_for_generation(question: str, tokenizer: Tokenizer, template: str = "vicuna_v1",
+def prompt_for_generation(question: str, tokenizer: "Tokenizer", template: str = "vicuna_v1",
                           has_image: bool = True) -> list[int]:
   """Ids of a one-question prompt for generation: `prompt_for_conversation([], question, ...)`.
 
@@ -88,7 +89,7 @@ def prompt_for_generation(question: str, tokenizer: Tokenizer, template: str = "
   return prompt_for_conversation([], question, tokenizer, template, has_image)
 
 
-def prompt_for_conversation(history, question: str, tokenizer: Tokenizer,
+def prompt_for_conversation(history, question: str, tokenizer: "Tokenizer",
                             template: str = "vicuna_v1", has_image: bool = True) -> list[int]:
   """Ids of a multi-turn prompt: earlier rounds, then `question`, open for the answer.
 
@@ -321,7 +322,7 @@ class _Inconsistent(Exception):
 class _Builder:
   """Accumulates (ids, labels) segment by segment, checking each chunk."""
 
-  def __init__(self, tok: Tokenizer):
+  def __init__(self, tok: "Tokenizer"):
     self.tok = tok
     self.ids, self.labels = [tok.bos_id], [IGNORE_INDEX]
     self.chunk_text, self.chunk_start = "", 0

@@ -32,6 +32,9 @@ import sys
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from data import records as records_lib
+from data import sources
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -230,9 +233,6 @@ def conversation_texts(json_paths, skipped: list | None = None) -> list[str]:
     ValueError: a file is missing or malformed, or (`skipped` None) a record has no
       readable turns (the message names the file, the record's index and id).
   """
-  # Imported here: data.records and data.sources import data.templates, which imports us.
-  from data import records as records_lib  # pylint: disable=import-outside-toplevel
-  from data import sources  # pylint: disable=import-outside-toplevel
   texts = []
   for path in json_paths:
     for i, rec in enumerate(sources.load_llava_json(path)):
