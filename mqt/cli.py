@@ -97,6 +97,9 @@ def problem_lines(error: BaseException) -> list[str]:
 
 def _user_status(error: BaseException) -> int | None:
   """The exit status for a user error; None for anything else (a bug: traceback)."""
+  from mqt import preemption  # pylint: disable=import-outside-toplevel
+  if isinstance(error, preemption.Preempted):
+    return preemption.EXIT_STATUS  # Stopped on request, checkpoint written: rerun to resume.
   if isinstance(error, UserError):
     return error.status
   if isinstance(error, app.UsageError):
@@ -108,10 +111,10 @@ def _user_status(error: BaseException) -> int | None:
   return None
 
 
-def fail(message: str, status: int) -> None:
+def fail(message: str, status: int, prefix: str = "error: ") -> None:
   """Prints "error: <message>" (its lines kept) on stderr and exits with `status`."""
   sys.stdout.flush()
-  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.write(f"{prefix}{message}\n")
   sys.stderr.flush()
   sys.exit(status)
 
@@ -125,7 +128,9 @@ def guarded(main):
       status = _user_status(e)
       if status is None or (flags.FLAGS.is_parsed() and DEBUG.value):
         raise
-      fail(str(e) or type(e).__name__, status)
+      from mqt import preemption  # pylint: disable=import-outside-toplevel
+      stopped = isinstance(e, preemption.Preempted)  # Not an error: a requested stop.
+      fail(str(e) or type(e).__name__, status, prefix="stopped: " if stopped else "error: ")
   return run_main
 
 

@@ -41,6 +41,7 @@ from mqt import matryoshka
 from mqt import memory as mem_lib
 from mqt import metrics as metrics_lib
 from mqt import optim
+from mqt import preemption
 from mqt import sharding as shard_lib
 from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params,
                        chunked_next_token_loss, dummy_inputs, next_token_loss)
@@ -565,7 +566,8 @@ def _start_state(config, name, stage_cfg, model_cfg, model, plan, ckpt, init_par
 
 
 def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, workdir: str,
-                init_params=None, plan: StagePlan | None = None) -> StageResult:
+                init_params=None, plan: StagePlan | None = None,
+                watch: preemption.Watch | None = None) -> StageResult:
   """Runs (or resumes) one stage; returns its final parameters and its summary entry.
   `plan`: the stage's `plan_stage` (compiled here when not given).
 
@@ -573,7 +575,9 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   aside), with the data position and the run record (last losses, data ledger) it
   holds. A step whose loss, gradient norm, new parameters or optimizer state is not
   finite raises NonFiniteLossError without adopting or saving it; a checkpoint that
-  cannot be written raises checkpoint.CheckpointWriteError."""
+  cannot be written raises checkpoint.CheckpointWriteError. SIGTERM / SIGINT (`watch`,
+  active for the whole run; else one for this stage) end the step in progress, write its
+  checkpoint and raise preemption.Preempted."""
   plan = plan or plan_stage(config, name, stage_cfg, model_cfg, mesh)
   model, sampler, sched, compiled = plan.model, plan.sampler, plan.sched, plan.compiled
   total = int(stage_cfg.steps)
@@ -595,6 +599,8 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   progress = metrics_lib.Progress(stage_dir, name, total, first_step=start,
                                   every=config.log_every, is_main=jax.process_index() == 0)
   finished = False
+  own_watch = watch is None
+  watch = watch or preemption.Watch().__enter__()
   try:
     for step in range(start, total):
       batch = next(it)
@@ -613,10 +619,19 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
                                  "lr": float(sched(step)), "skipped": record.skipped,
                                  "truncated": record.truncated},
                       tokens=_input_tokens(batch, ms, model_cfg.image_token_id))
+      stop = step + 1 < total and watch.requested
       ckpt.save(step + 1, state, data_position(it, offset, pcfg.worker_count),
-                force=step + 1 == total, run_state=record.state())
+                force=step + 1 == total or stop, run_state=record.state())
+      if stop:
+        ckpt.wait()
+        raise preemption.Preempted(
+            f"[{name}] stopped on {watch.signal_name or 'a signal in another process'} at "
+            f"step {step + 1}/{total}; its checkpoint is in {ckpt.step_path(step + 1)}. "
+            f"Run the same command again to continue.")
     finished = True
   finally:
+    if own_watch:
+      watch.__exit__(None, None, None)
     progress.close()
     ckpt.close(quiet=not finished)
   return StageResult(params=state["params"], final_step=total, losses=list(record.losses),
@@ -841,15 +856,22 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
     plans = plan_stages(config, model_cfg, mesh, dry_run=dry_run)
     if dry_run:
       return write_dry_run(workdir, plans)
-    for n in stages_to_run(config):
-      stage_cfg = config[f"stage{n}"]
-      init_params = params
-      if init_params is None and stage_cfg.init_from:
-        init_params = load_params(stage_cfg.init_from, model_cfg, mesh, config)
-      result = train_stage(config, f"stage{n}", stage_cfg, model_cfg, mesh, workdir, init_params,
-                           plans.pop(n))
-      params = result.params
-      summary["stages"][f"stage{n}"] = result.summary
+    with preemption.Watch() as watch:
+      for n in stages_to_run(config):
+        stage_cfg = config[f"stage{n}"]
+        init_params = params
+        if init_params is None and stage_cfg.init_from:
+          init_params = load_params(stage_cfg.init_from, model_cfg, mesh, config)
+        result = train_stage(config, f"stage{n}", stage_cfg, model_cfg, mesh, workdir,
+                             init_params, plans.pop(n), watch)
+        params = result.params
+        summary["stages"][f"stage{n}"] = result.summary
+        if watch.requested:  # Arrived in the stage's last step: the stage is saved whole.
+          raise preemption.Preempted(
+              f"[stage{n}] stopped on {watch.signal_name or 'a signal in another process'} "
+              f"after its last step ({result.final_step}); its checkpoint is in "
+              f"{os.path.join(workdir, f'stage{n}', 'checkpoints')}. Run the same command "
+              f"again to continue.")
     skipped = eval_skip_reason(config)
     if skipped and config.eval.ms and params is not None:
       _say(f"the end-of-run evaluation is skipped: {skipped}")

@@ -4,8 +4,9 @@ One uninterrupted run is the reference (`baseline`, once per module). Against it
 SIGKILL at seeded random moments (one while an asynchronous save is in flight)
 and reruns until the run ends; a truncated latest checkpoint; a learning rate
 that overflows float32; a file-size limit that makes a checkpoint write fail;
-a resume with another data.worker_count. Float32 on CPU is deterministic, so
-arrays must be bitwise equal and summary.json equal less its timings.
+a resume with another data.worker_count; SIGTERM (a preempted VM). Float32 on
+CPU is deterministic, so arrays must be bitwise equal and summary.json equal less
+its timings.
 
 The subprocesses share a persistent JAX compilation cache (under the session's
 basetemp), so each compiles the tiny steps once.
@@ -29,7 +30,7 @@ import pytest
 from mqt import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS1, STEPS2, EVERY = 2, 12, 3
+STEPS1, STEPS2, EVERY = 2, 12, 3  # The SIGTERM test expects STEPS2 = 12.
 TIMEOUT = 300
 
 
@@ -282,3 +283,30 @@ def test_resume_with_another_worker_count_is_exact(runner, baseline, tmp_path):
   assert (f"[stage2] the data position was taken from the step ({good}): the checkpoint was "
           f"written with data.worker_count=0, this run has 1") in out
   _assert_same_final(workdir, baseline, data_state=False)
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_is_exact(runner, baseline, tmp_path):
+  """SIGTERM once stage 2 has a checkpoint (a preempted VM): the step in progress ends,
+  its checkpoint is written, the run exits with status 75 and one line within seconds,
+  and the same command continues to the uninterrupted run's final state, bitwise."""
+  workdir = tmp_path / "run"
+  proc = runner.start(workdir)
+  assert _wait_for(lambda: _steps(workdir, 2), proc, poll_s=0.01), "the run ended first"
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=TIMEOUT)
+  seconds = time.time() - t0
+  assert proc.returncode == 75, out[-3000:]
+  assert seconds < 30, seconds  # Well inside a preemption's grace period (30 s on GCE).
+  assert "Traceback" not in out, out[-3000:]
+  match = re.search(r"stopped: \[stage2\] stopped on SIGTERM at step (\d+)/12; its checkpoint "
+                    r"is in (\S+)\. Run the same command again to continue\.", out)
+  assert match, out[-3000:]
+  step = int(match[1])
+  assert match[2] == os.path.join(_ckpt_dir(workdir, 2), str(step))
+  assert _steps(workdir, 2)[-1] == step  # The step it stopped at (any, not only every 3rd).
+  assert int(_restore(_ckpt_dir(workdir, 2), step)["state"]["step"]) == step
+  proc, out = runner.run(workdir)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"[stage2] resumed from checkpoint at step {step}" in out
+  _assert_same_final(workdir, baseline)
