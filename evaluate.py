@@ -16,7 +16,6 @@ cannot fit stops there; --dry_run prints it and stops (no data or weights read).
 results.json / results.csv / predictions / accuracy_vs_m.png /
 accuracy_vs_flops.png under --out_dir (default <workdir>/eval).
 """
-import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -24,6 +23,8 @@ from ml_collections import config_flags
 from mqt import cli
 from mqt import evaluate
 from mqt import inference
+from mqt import paths
+from mqt import train
 from mqt import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
@@ -74,16 +75,30 @@ def preflight(config, workdir: str) -> list[int]:
   hf = _CHECKPOINT.value == "hf"
   skip = (("eval.ms",) if _MS.value or hf else ()) + (("stage",) if hf else ())
   inference.load_problems(found, config, workdir, _CHECKPOINT.value, skip)
+  try:
+    builtin = "builtin" in evaluate.benchmark_sources(_BENCHMARKS.value).values()
+  except ValueError:  # An unknown name, already named.
+    builtin = False
+  if builtin and paths.is_uri(train.builtin_dir(config, workdir)):
+    found.add(f"the built-in benchmarks are prepared on local disk, not in "
+              f"{train.builtin_dir(config, workdir)}: set --config.data.data_dir to a local "
+              f"folder")
+  if paths.is_uri(out_dir(workdir)):
+    found.add(f"results are written to local disk, not {out_dir(workdir)}: set --out_dir to a "
+              f"local folder")
   found.raise_if_any()
   return ms
+
+
+def out_dir(workdir: str) -> str:
+  return _OUT_DIR.value or paths.join(workdir, "eval")
 
 
 def main(argv):
   cli.start(argv)
   config = cli.apply_param_dtype(_CONFIG.value)
   ms = preflight(config, _WORKDIR.value)
-  out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
-  evaluate.sweep(config, _WORKDIR.value, ms, _BENCHMARKS.value, out_dir,
+  evaluate.sweep(config, _WORKDIR.value, ms, _BENCHMARKS.value, out_dir(_WORKDIR.value),
                  checkpoint=_CHECKPOINT.value, limit=_LIMIT.value, dry_run=cli.DRY_RUN.value)
 
 

@@ -12,7 +12,6 @@ flags answer the same prompt for each image in one batch. The memory the run
 needs is printed before any weight is read; a run that cannot fit stops there.
 --dry_run prints it and stops (no weights or images are read).
 """
-import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 from mqt import cli
 from mqt import inference
 from mqt import matryoshka
+from mqt import paths
 from mqt import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
@@ -51,7 +51,7 @@ def command_line_problems(config, dry_run: bool) -> list[str]:
   if not _PROMPT.value.strip():
     problems.append("--prompt is empty: ask a question")
   if not dry_run:
-    problems += [f"image {p} does not exist" for p in _IMAGES.value if not os.path.isfile(p)]
+    problems += [f"image {p} does not exist" for p in _IMAGES.value if not paths.isfile(p)]
   return problems
 
 

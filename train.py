@@ -17,13 +17,13 @@ tokenizer needed) and writes <workdir>/dry_run.json:
   XLA_FLAGS=--xla_force_host_platform_device_count=64 python train.py \
       --config=configs/mqt_llava.py:stage=2 --workdir=/tmp/dry --dry_run
 """
-import os
 
 from absl import flags
 from ml_collections import config_flags
 
 from mqt import cli
 from mqt import config_lib
+from mqt import paths
 from mqt import train
 from mqt import validate
 
@@ -44,10 +44,10 @@ def checkpoint_problems(config, workdir: str) -> list[str]:
   """Each checkpoint this run would read (a stage's own, to resume; the first stage's
   init_from) against the config's model, from the checkpoints' metadata."""
   stages = train.stages_to_run(config)
-  folders = [os.path.join(workdir, f"stage{n}", "checkpoints") for n in stages]
+  folders = [paths.join(workdir, f"stage{n}", "checkpoints") for n in stages]
   if stages and config[f"stage{stages[0]}"].init_from:
     folders.append(config[f"stage{stages[0]}"].init_from)
-  folders = [f for f in folders if os.path.isdir(f)]
+  folders = [f for f in folders if paths.isdir(f)]
   if not folders:
     return []
   model_cfg = train.model_config(config)

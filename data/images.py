@@ -41,6 +41,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mqt import paths
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = (122, 116, 104)  # tuple(int(x * 255) for x in CLIP_MEAN)
@@ -137,8 +139,7 @@ def load_image(source: Source, name: Optional[str] = None,
   label = _display_name(source, name)
   if isinstance(source, (str, os.PathLike)):
     try:
-      with open(source, "rb") as f:
-        data = f.read()
+      data = paths.read_bytes(source)
     except FileNotFoundError as e:
       raise ImageError(f"{label}: no such image file") from e
     except OSError as e:

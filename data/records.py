@@ -22,6 +22,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from data import images as images_lib
 from data import templates
+from mqt import paths
 
 # Stable keys (they are stored in prepared datasets and checkpoints) -> what they mean.
 REASONS = {
@@ -208,8 +209,7 @@ def load_image(source, name: str | None = None):
   label = name or (os.fspath(source) if is_path else "<bytes>")
   if is_path:
     try:
-      with open(source, "rb") as f:
-        data = f.read()
+      data = paths.read_bytes(source)
     except FileNotFoundError:
       raise Unusable("missing_image", f"no image file {label}") from None
     except OSError as e:
@@ -262,8 +262,8 @@ def judge_records(records: list, file: str, image_folder: str | None, on_error: 
       chunk = range(start, min(start + PROGRESS_EVERY, n))
       found = {i: structure_problem(records[i], i, file, seen) for i in chunk}
       with_image = [i for i in chunk if found[i] is None and "image" in records[i]]
-      paths = [os.path.join(image_folder or "", records[i]["image"]) for i in with_image]
-      for i, bad in zip(with_image, pool.map(image_problem, paths)):
+      files = [paths.join(image_folder or "", records[i]["image"]) for i in with_image]
+      for i, bad in zip(with_image, pool.map(image_problem, files)):
         if bad:
           found[i] = make_problem(file, i, record_id(records[i], i)[0], *bad)
       good += [i for i in chunk if found[i] is None]
@@ -322,6 +322,19 @@ class Ledger:
     """JSON-serialisable state (for checkpoints)."""
     return {"total": self.total, "first": dict(self._first),
             "records": {r: sorted([i, rid] for i, rid in s) for r, s in self._records.items()}}
+
+  @classmethod
+  def union(cls, states) -> "Ledger":
+    """The ledger of several (one per process): each reason's records united, its first
+    message from the first state that has it."""
+    states = list(states)
+    ledger = cls(states[0]["total"])
+    for state in states:
+      part = cls.from_state(state)
+      for reason, found in part._records.items():
+        ledger._records.setdefault(reason, set()).update(found)
+        ledger._first.setdefault(reason, part._first.get(reason, ""))
+    return ledger
 
   @classmethod
   def from_state(cls, state: dict) -> "Ledger":

@@ -17,13 +17,13 @@ unusable records (`records.Problem`), `total` counts the records of the file
 counts `problems` in a `records.Ledger`.
 """
 import json
-import os
 
 import numpy as np
 
 from data import records as records_lib
 from data import templates
 from data.records import DataError  # Also re-exported: data.sources.DataError.
+from mqt import paths
 
 ON_ERROR = ("fail", "skip")
 
@@ -42,8 +42,7 @@ def load_llava_json(path: str) -> list:
       top level that is not an array; one line naming the file, line and column.
   """
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = paths.read_bytes(path)
   except FileNotFoundError:
     raise DataError(f"{path}: file not found; check the JSON path") from None
   except OSError as e:
@@ -106,7 +105,7 @@ class LlavaJsonSource:
   def __getitem__(self, i):
     r = self._records[i]
     index = int(self._index[i])
-    path = os.path.join(self.image_folder, r["image"]) if "image" in r else None
+    path = paths.join(self.image_folder, r["image"]) if "image" in r else None
     meta = {k: v for k, v in r.items() if k not in ("id", "image", "conversations")}
     rid = records_lib.record_id(r, index)[0]
     return {"id": rid, "conversations": r["conversations"], "image": None, "image_path": path,
@@ -128,7 +127,7 @@ class TfdsSource:
 
   def __init__(self, dataset_dir: str, split: str):
     import tensorflow_datasets as tfds  # Heavy import, only when used.
-    if not os.path.isdir(dataset_dir):
+    if not paths.isdir(dataset_dir):
       raise DataError(f"{dataset_dir}: no prepared dataset here; run `python -m data.prepare`")
     builder = tfds.builder_from_directory(dataset_dir)
     if split not in builder.info.splits:

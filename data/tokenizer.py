@@ -25,7 +25,6 @@ and HF's `LlamaTokenizer` all read the same flag.
 import io
 import json
 import logging
-import os
 import re
 import sys
 
@@ -34,6 +33,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from data import records as records_lib
 from data import sources
+from mqt import paths
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,12 @@ class Tokenizer:
       FileNotFoundError: `path` does not exist.
       ValueError: the tokenizer_config.json beside it is malformed.
     """
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f"tokenizer model {path} does not exist")
-    with open(path, "rb") as f:
-      proto = f.read()
+    proto = paths.read_bytes(path)
     source = "argument"
     if legacy is None:
-      legacy, source = _legacy_from_config(os.path.join(os.path.dirname(path), CONFIG_NAME))
+      legacy, source = _legacy_from_config(paths.join(paths.dirname(path), CONFIG_NAME))
       if source == "default":
         _log_default_once(path)
     return cls(proto, legacy=legacy, name=path, legacy_source=source)
@@ -154,11 +153,10 @@ def _legacy_from_config(cfg_path: str) -> tuple[bool, str]:
   Raises ValueError (one line naming the file) for malformed JSON, a top level
   that is not an object, or a "legacy" that is not true, false or null.
   """
-  if not os.path.exists(cfg_path):
+  if not paths.exists(cfg_path):
     return True, "default"
   try:
-    with open(cfg_path, encoding="utf-8") as f:
-      cfg = json.load(f)
+    cfg = json.loads(paths.read_bytes(cfg_path).decode("utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{cfg_path}: malformed JSON at line {e.lineno} column {e.colno}: "
                      f"{e.msg}; fix it or remove the file (legacy then defaults to true)") from None
@@ -179,7 +177,7 @@ def _log_default_once(path: str):
   if path in _warned_default:
     return
   _warned_default.add(path)
-  if os.path.exists(os.path.join(os.path.dirname(path), CONFIG_NAME)):
+  if paths.exists(paths.join(paths.dirname(path), CONFIG_NAME)):
     why = f"the {CONFIG_NAME} beside it sets no \"legacy\""
   else:
     why = f"no {CONFIG_NAME} beside it"
@@ -204,12 +202,8 @@ def train_tokenizer(texts, out_path: str, vocab_size: int = 512, **kwargs) -> st
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_writer=model,
                                  **options)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, out_path)
-  return out_path
+  paths.makedirs(paths.dirname(paths.absolute(out_path)))
+  return paths.write_bytes_atomic(out_path, model.getvalue())
 
 
 def conversation_texts(json_paths, skipped: list | None = None) -> list[str]:
@@ -293,12 +287,12 @@ def train_from_json(json_paths, out_path: str, vocab_size: int, legacy: bool = F
   """
   if not json_paths:
     raise ValueError("--json is empty: give one or more LLaVA JSON files, comma-separated")
-  config = os.path.join(os.path.dirname(os.path.abspath(out_path)), CONFIG_NAME)
-  if os.path.isdir(out_path):
+  config = paths.join(paths.dirname(paths.absolute(out_path)), CONFIG_NAME)
+  if paths.isdir(out_path):
     raise ValueError(f"--out={out_path} is a directory; give the path of the model file, "
-                     f"e.g. {os.path.join(out_path, 'tokenizer.model')}")
+                     f"e.g. {paths.join(out_path, 'tokenizer.model')}")
   for existing in (out_path, config):
-    if os.path.exists(existing) and not overwrite:
+    if paths.exists(existing) and not overwrite:
       raise ValueError(f"{existing} exists; pass --overwrite to replace it or choose another "
                        f"--out")
   skipped = []
@@ -318,9 +312,7 @@ def train_from_json(json_paths, out_path: str, vocab_size: int, legacy: bool = F
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"SentencePiece could not train a {vocab_size}-piece model on "
                      f"{len(texts)} texts: {first}") from None
-  with open(config + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(tokenizer_config(legacy), f, indent=2)
-  os.replace(config + ".tmp", config)
+  paths.write_text_atomic(config, json.dumps(tokenizer_config(legacy), indent=2))
   tok = Tokenizer.load(out_path)
   return {"path": out_path, "config": config, "vocab_size": tok.vocab_size,
           "num_texts": len(texts), "skipped": skipped}

@@ -22,6 +22,8 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
+from mqt import paths
+
 ITEMS = ("state", "data", "run")
 
 
@@ -118,7 +120,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, every: int, keep: int, use_async: bool = True,
                name: str = ""):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # A gs:// (or other) URI stays as given.
     self.every = every
     self.name = name
     self.manager = ocp.CheckpointManager(
@@ -138,15 +140,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def finished_steps(self) -> list[int]:
     """The steps whose checkpoint was completely written (renamed from orbax's temporary
     folder), read from the disk, ascending."""
-    if not os.path.isdir(self.directory):
+    if not paths.isdir(self.directory):
       return []
-    return sorted(int(n) for n in os.listdir(self.directory)
-                  if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+    return sorted(int(n) for n in paths.listdir(self.directory)
+                  if n.isdigit() and paths.isdir(paths.join(self.directory, n)))
 
   def last_good_step(self, before: int | None = None) -> int | None:
     """The newest finished checkpoint (below `before` if given), after any pending save
@@ -157,13 +159,17 @@ class Checkpointer:
 
   # -- Saving.
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `save(step, ..., force)` writes a checkpoint."""
+    return force or (self.every > 0 and step % self.every == 0)
+
   def save(self, step: int, state, data_state: dict | None, force: bool = False,
            run_state: dict | None = None) -> bool:
     """Saves at multiples of `every` (or when `force`); -> whether it saved.
 
     Raises CheckpointWriteError when this save, or the asynchronous one before it
     (orbax reports those here), fails to write."""
-    if not force and (self.every <= 0 or step % self.every):
+    if not self.due(step, force):
       return False
     args = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
@@ -221,9 +227,9 @@ class Checkpointer:
     Raises CheckpointRestoreError naming the step's path and the reason."""
     path = self.step_path(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if with_data and os.path.isdir(os.path.join(path, "data")):
+    if with_data and paths.isdir(paths.join(path, "data")):
       args["data"] = ocp.args.JsonRestore()
-    if os.path.isdir(os.path.join(path, "run")):
+    if paths.isdir(paths.join(path, "run")):
       args["run"] = ocp.args.JsonRestore()
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -265,10 +271,10 @@ class Checkpointer:
     neither lists it nor writes over it; -> the new path."""
     path = self.step_path(step)
     n = 1
-    while os.path.exists(f"{path}.corrupt-{n}"):
+    while paths.exists(f"{path}.corrupt-{n}"):
       n += 1
     if jax.process_index() == 0:
-      os.rename(path, f"{path}.corrupt-{n}")
+      paths.rename(path, f"{path}.corrupt-{n}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"mqt: {path} moved aside")

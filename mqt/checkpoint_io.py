@@ -5,7 +5,9 @@ A checkpoint is a file (`*.safetensors`, `*.bin`), an index json
 reads only headers. Tensors are read one at a time, each into a buffer of its
 own (`readinto` at its offset; no file stays memory-mapped, so resident memory
 holds only the tensors still referenced), so a 7B checkpoint never sits in
-memory twice.
+memory twice. Paths go through mqt.paths: safetensors checkpoints may lie at a
+gs:// (or other epath) URI, read the same way, by seek and read; torch .bin
+files are read from local disk only.
 """
 import json
 import os
@@ -14,6 +16,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from mqt import paths
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -21,6 +25,7 @@ _DTYPES = {
 }
 _DIR_CANDIDATES = ("model.safetensors.index.json", "model.safetensors",
                    "pytorch_model.bin.index.json", "pytorch_model.bin")
+_READ_CHUNK = 64 << 20  # Bytes per read() where a file object has no readinto (gfile).
 
 
 def safetensors_header(entries) -> bytes:
@@ -45,7 +50,7 @@ class CheckpointError(ValueError):
 class _SafetensorsFile:
   def __init__(self, path: str):
     self.path = path
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       head = f.read(8)
       if len(head) < 8:
         raise CheckpointError(f"{path}: truncated safetensors file (no header)")
@@ -55,7 +60,7 @@ class _SafetensorsFile:
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
       self._data_start = 8 + n
-    size = os.path.getsize(path)
+    size = paths.getsize(path)
     header.pop("__metadata__", None)
     self.entries = header
     for key, e in header.items():
@@ -73,15 +78,27 @@ class _SafetensorsFile:
       raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
     start, end = e["data_offsets"]
     buf = np.empty(end - start, np.uint8)
-    view, got = memoryview(buf), 0
-    with open(self.path, "rb", buffering=0) as f:
+    with paths.open(self.path, "rb") as f:
       f.seek(self._data_start + start)
-      while got < len(buf):
-        n = f.readinto(view[got:])
-        if not n:
-          raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
-        got += n
+      if _fill(f, memoryview(buf)) < len(buf):
+        raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
     return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+def _fill(f, view: memoryview) -> int:
+  """Reads from `f` into `view` until it is full or the file ends; -> bytes read."""
+  readinto, got = getattr(f, "readinto", None), 0
+  while got < len(view):
+    if readinto is not None:
+      n = readinto(view[got:])
+    else:
+      chunk = f.read(min(len(view) - got, _READ_CHUNK))
+      n = len(chunk)
+      view[got:got + n] = chunk
+    if not n:
+      break
+    got += n
+  return got
 
 
 class _TorchFile:
@@ -92,6 +109,9 @@ class _TorchFile:
   REMAP_BYTES = 1 << 30
 
   def __init__(self, path: str):
+    if paths.is_uri(path):  # torch maps a local file; reading a URI would hold it whole.
+      raise CheckpointError(f"{path}: torch .bin checkpoints are read from local disk only; "
+                            f"copy it to a local folder or convert it to safetensors")
     try:
       import torch  # Only needed for pickled checkpoints.
     except ImportError:
@@ -138,26 +158,26 @@ class TensorSource:
 
   def __init__(self, path: str):
     path = os.fspath(path)
-    if os.path.isdir(path):
-      found = [c for c in _DIR_CANDIDATES if os.path.exists(os.path.join(path, c))]
+    if paths.isdir(path):
+      found = [c for c in _DIR_CANDIDATES if paths.exists(paths.join(path, c))]
       if not found:
         raise CheckpointError(f"{path}: no checkpoint found; looked for {list(_DIR_CANDIDATES)}")
-      path = os.path.join(path, found[0])
-    if not os.path.exists(path):
+      path = paths.join(path, found[0])
+    if not paths.exists(path):
       raise CheckpointError(f"{path}: checkpoint file does not exist")
     self.name = path
     self._where = {}
     if path.endswith(".json"):
       try:
-        with open(path) as f:
+        with paths.open(path) as f:
           weight_map = json.load(f)["weight_map"]
       except (json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{path}: not a valid checkpoint index ({e!r})") from None
       files = {}
       for key, rel in weight_map.items():
         if rel not in files:
-          full = os.path.join(os.path.dirname(path), rel)
-          if not os.path.exists(full):
+          full = paths.join(paths.dirname(path), rel)
+          if not paths.exists(full):
             raise CheckpointError(f"{path}: shard {rel} (holding {key}) is missing")
           files[rel] = _open_file(full)
         if key not in files[rel].entries:

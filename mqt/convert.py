@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from mqt import memory as mem_lib
+from mqt import paths
 from mqt.checkpoint_io import CheckpointError, TensorSource
 from mqt.decoder import LlamaConfig, LlamaDecoder
 from mqt.model import ModelConfig, abstract_params, unbox_abstract
@@ -592,12 +593,12 @@ def read_hf_config(path) -> dict | None:
   """The `config.json` of the checkpoint at `path` (a folder, or a file in one); None
   where there is none."""
   path = os.fspath(path)
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  name = os.path.join(folder, "config.json")
-  if not os.path.isfile(name):
+  folder = path if paths.isdir(path) else paths.dirname(path)
+  name = paths.join(folder, "config.json")
+  if not paths.isfile(name):
     return None
   try:
-    with open(name) as f:
+    with paths.open(name) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{name}: not valid JSON ({e})") from None

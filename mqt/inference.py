@@ -14,7 +14,6 @@ explicit and validated (1 <= m <= M); there is no default.
 """
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 
@@ -30,6 +29,7 @@ from mqt import convert
 from mqt import generate as gen
 from mqt import matryoshka
 from mqt import memory as mem_lib
+from mqt import paths as paths_lib
 from mqt import sharding as shard_lib
 from mqt import train
 from mqt.model import MQTLLaVA, ModelConfig, abstract_params, unbox_abstract
@@ -37,7 +37,7 @@ from mqt.model import MQTLLaVA, ModelConfig, abstract_params, unbox_abstract
 
 def default_checkpoint(config, workdir: str) -> str:
   stages = train.stages_to_run(config)
-  return os.path.join(workdir, f"stage{stages[-1] if stages else 2}", "checkpoints")
+  return paths_lib.join(workdir, f"stage{stages[-1] if stages else 2}", "checkpoints")
 
 
 def resolve_paths(config, workdir: str, checkpoint: str = "") -> tuple[str, str]:
@@ -46,14 +46,14 @@ def resolve_paths(config, workdir: str, checkpoint: str = "") -> tuple[str, str]
   checkpoint = checkpoint or default_checkpoint(config, workdir)
   if checkpoint == "hf":
     problems += train.hf_init_problems(config)
-  elif not os.path.isdir(checkpoint):
+  elif not paths_lib.isdir(checkpoint):
     problems.append(f"checkpoint folder {checkpoint} does not exist (train first with "
                     f"python train.py --workdir=..., or pass --checkpoint=DIR or =hf)")
   tok = train.tokenizer_path(config, config.eval.data, workdir)
   if config.tokenizer_path or config.eval.data.kind != "builtin":
     problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
                                        train.TOKENIZER_WHAT))
-  elif not os.path.isfile(tok):
+  elif not paths_lib.isfile(tok):
     problems.append(f"the built-in tokenizer {tok} does not exist (train.py writes it; or set "
                     f"--config.tokenizer_path)")
   problems = [p for p in problems if p]
@@ -219,7 +219,7 @@ def answer(loaded: Loaded, image_paths, questions, m: int, gen_cfg, text_len: in
 def check_images(paths) -> None:
   """Every image opens and decodes (a clear error naming the file otherwise)."""
   for p in paths:
-    if not os.path.isfile(p):
+    if not paths_lib.isfile(p):
       raise FileNotFoundError(f"image {p} does not exist")
     images_lib.load_image(p)
 

@@ -1,12 +1,13 @@
 """Progress lines, TensorBoard event files, a stage's running record and a JSON summary."""
 import collections
 import json
-import os
 import time
 
 import numpy as np
 
 from absl import logging
+
+from mqt import paths
 
 
 def _fmt_time(seconds: float) -> str:
@@ -25,9 +26,13 @@ class Progress:
     self._t0, self._s0 = time.perf_counter(), first_step
     self._last_t, self._last_s, self._tokens = self._t0, first_step, 0
     self.writer = None
-    if is_main:
+    logdir = paths.join(workdir, "tensorboard", name)
+    why_not = tensorboard_problem(logdir) if is_main else None
+    if why_not:
+      print(f"[{name}] no TensorBoard events this run: {why_not}", flush=True)
+    elif is_main:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+      self.writer = SummaryWriter(logdir)
 
   def update(self, step: int, metrics: dict, tokens: int):
     """step: the number of steps done. metrics: host floats/ints."""
@@ -58,13 +63,26 @@ class Progress:
       self.writer.close()
 
 
+def tensorboard_problem(logdir: str) -> str | None:
+  """Why tensorboardX cannot write event files in `logdir`, or None. It writes local
+  folders; of URIs only gs:// (with google-cloud-storage installed; it re-uploads the
+  whole event file at each flush) and s3:// (with boto3); any other scheme it would
+  write as a local folder named like the URI."""
+  if not paths.is_uri(logdir):
+    return None
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  scheme = logdir.partition("://")[0]
+  if (scheme, True) in (("gs", record_writer.GCS_ENABLED), ("s3", record_writer.S3_ENABLED)):
+    return None
+  need = {"gs": "google-cloud-storage", "s3": "boto3"}.get(scheme)
+  if need:
+    return f"tensorboardX writes {logdir} only with {need} installed (pip install {need})"
+  return f"tensorboardX cannot write to {scheme}:// ({logdir}); use a local or gs:// workdir"
+
+
 def write_summary(workdir: str, summary: dict):
-  path = os.path.join(workdir, "summary.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
+  path = paths.join(workdir, "summary.json")
+  return paths.write_text_atomic(path, json.dumps(summary, indent=2, sort_keys=True))
 
 
 LAST_LOSSES = 20  # A stage's final_loss is the mean of its last LAST_LOSSES step losses.
@@ -81,6 +99,7 @@ class StageRecord:
     self.ledger, self.log = ledger, log
     self.losses = collections.deque((float(x) for x in losses), maxlen=LAST_LOSSES)
     self.skipped, self.truncated = int(skipped), int(truncated)
+    self._shared = (self.skipped, self.truncated)  # The counts every process agrees on.
 
   @classmethod
   def start(cls, source, log=print) -> "StageRecord":
@@ -118,6 +137,21 @@ class StageRecord:
     self.skipped += int(batch["skipped"].sum())
     self.truncated += int(batch["truncated"].sum())
     self.add_problems(pipeline.batch_problems(batch))
+
+  def merge_processes(self, gather) -> None:
+    """Makes each process's record the whole run's (several processes each count their
+    own rows): the ledgers united, the skipped and truncated rows summed. `gather(obj)`
+    -> every process's obj: a collective, so every process calls this at the same step."""
+    from data import records  # pylint: disable=import-outside-toplevel
+    mine = {"skipped": self.skipped - self._shared[0],
+            "truncated": self.truncated - self._shared[1], "ledger": self.ledger.state()}
+    parts = gather(mine)
+    if len(parts) == 1:
+      return
+    self.skipped = self._shared[0] + sum(int(p["skipped"]) for p in parts)
+    self.truncated = self._shared[1] + sum(int(p["truncated"]) for p in parts)
+    self.ledger = records.Ledger.union([p["ledger"] for p in parts])
+    self._shared = (self.skipped, self.truncated)
 
   def add_loss(self, loss: float) -> None:
     self.losses.append(float(loss))

@@ -78,3 +78,15 @@ def put_batch(batch: dict, mesh, process_local: bool = True) -> dict:
     else:
       out[k] = jax.device_put(v, sharding)
   return out
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in its local batch's order
+  (what `put_batch` made of them); the whole array on one process."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    shards.setdefault(start, np.asarray(shard.data))  # Replicas of a row block: once.
+  return np.concatenate([shards[k] for k in sorted(shards)])

@@ -19,7 +19,6 @@ checked against the device's (`--dry_run` stops there).
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 
@@ -36,11 +35,13 @@ from mqt import checkpoint as ckpt_lib
 from mqt import cli
 from mqt import config_lib
 from mqt import convert
+from mqt import distributed
 from mqt import layers
 from mqt import matryoshka
 from mqt import memory as mem_lib
 from mqt import metrics as metrics_lib
 from mqt import optim
+from mqt import paths
 from mqt import preemption
 from mqt import sharding as shard_lib
 from mqt.model import (IGNORE, MQTLLaVA, ModelConfig, abstract_params,
@@ -126,7 +127,17 @@ def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
 # Data.
 
 def builtin_dir(config, workdir: str) -> str:
-  return config.data.data_dir or os.path.join(workdir, "data")
+  return config.data.data_dir or paths.join(workdir, "data")
+
+
+def check_builtin_dir(config, workdir: str) -> None:
+  """The built-in set is generated and read on local disk: a cloud workdir (gs://...)
+  needs config.data.data_dir for it."""
+  blocks = [config[f"stage{n}"].data for n in stages_to_run(config)] + [config.eval.data]
+  if (any(b.kind == "builtin" for b in blocks) and paths.is_uri(builtin_dir(config, workdir))):
+    raise ValueError(f"the built-in data is prepared on local disk, not in "
+                     f"{builtin_dir(config, workdir)}: set --config.data.data_dir to a local "
+                     f"folder (the workdir can stay in the cloud)")
 
 
 def prepare_builtin(config, workdir: str) -> str:
@@ -519,6 +530,17 @@ def data_position(it, offset: int, worker_count: int) -> dict:
   return {"offset": int(offset), "worker_count": int(worker_count), "grain": it.get_state()}
 
 
+def agree_on_position(position: dict, name: str, step: int) -> None:
+  """Several processes: each iterates over its own rows of the same global batches, so
+  their data positions must be equal (process 0's is the one saved); else an error."""
+  positions = distributed.allgather_json(position)
+  differ = [i for i, p in enumerate(positions) if p != positions[0]]
+  if differ:
+    raise RuntimeError(f"[{name}] at step {step} the data position of process(es) {differ} "
+                       f"differs from process 0's ({positions[differ[0]]} against "
+                       f"{positions[0]}); the checkpoint would not resume them all")
+
+
 def _non_finite(loss: float, grad_norm: float, out) -> list[str]:
   """Which of loss / gradient norm / parameters / optimizer state are not finite."""
   checks = (("loss", math.isfinite(loss)), ("gradient norm", math.isfinite(grad_norm)),
@@ -581,8 +603,8 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   plan = plan or plan_stage(config, name, stage_cfg, model_cfg, mesh)
   model, sampler, sched, compiled = plan.model, plan.sampler, plan.sched, plan.compiled
   total = int(stage_cfg.steps)
-  stage_dir = os.path.join(workdir, name)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), config.checkpoint.every,
+  stage_dir = paths.join(workdir, name)
+  ckpt = ckpt_lib.Checkpointer(paths.join(stage_dir, "checkpoints"), config.checkpoint.every,
                                config.checkpoint.keep, config.checkpoint.use_async, name=name)
   source = open_source(config, stage_cfg.data, workdir, on_error=config.data.on_error)
   pcfg = pipeline_config(config, stage_cfg.data, model_cfg, workdir, train=True,
@@ -618,10 +640,15 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
                                  "grad_norm": grad_norm,
                                  "lr": float(sched(step)), "skipped": record.skipped,
                                  "truncated": record.truncated},
-                      tokens=_input_tokens(batch, ms, model_cfg.image_token_id))
+                      tokens=_input_tokens(batch if jax.process_count() == 1 else device_batch,
+                                           ms, model_cfg.image_token_id))
       stop = step + 1 < total and watch.requested
-      ckpt.save(step + 1, state, data_position(it, offset, pcfg.worker_count),
-                force=step + 1 == total or stop, run_state=record.state())
+      force = step + 1 == total or stop
+      position = data_position(it, offset, pcfg.worker_count)
+      if jax.process_count() > 1 and ckpt.due(step + 1, force):
+        record.merge_processes(distributed.allgather_json)
+        agree_on_position(position, name, step + 1)
+      ckpt.save(step + 1, state, position, force=force, run_state=record.state())
       if stop:
         ckpt.wait()
         raise preemption.Preempted(
@@ -653,9 +680,11 @@ def check_batch_size(field: str, batch_size: int, mesh, accum_steps: int = 1) ->
 
 def _input_tokens(batch, ms, image_token_id: int) -> int:
   """Tokens the LLM reads in this step: text plus the m visual tokens of each image row
-  (which replace its placeholder), once per m of the step."""
-  image_rows = int((batch["input_ids"] == image_token_id).any(axis=1).sum())
-  text = int(batch["text_mask"].sum())
+  (which replace its placeholder), once per m of the step. `batch`: the host batch (one
+  process) or the global device batch (several: each host holds only its rows)."""
+  xp = np if isinstance(batch["input_ids"], np.ndarray) else jnp
+  image_rows = int(xp.sum(xp.any(batch["input_ids"] == image_token_id, axis=1)))
+  text = int(xp.sum(batch["text_mask"]))
   return sum(text + image_rows * (int(m) - 1) for m in ms)
 
 
@@ -691,7 +720,7 @@ def evaluate(config, params, model_cfg: ModelConfig, mesh, ms, workdir: str) -> 
     s_tot, n_tot = 0.0, 0
     for batch in batches:
       ok, s, n = step(params, shard_lib.put_batch(batch, mesh), jnp.int32(m))
-      ok = np.asarray(ok)
+      ok = shard_lib.local_rows(ok)
       s_tot, n_tot = s_tot + float(s), n_tot + int(n)
       for r, meta in enumerate(batch["meta"]):
         if batch["empty"][r]:
@@ -699,12 +728,20 @@ def evaluate(config, params, model_cfg: ModelConfig, mesh, ms, workdir: str) -> 
         kind = (meta or {}).get("type", "all")
         correct[m].setdefault(kind, []).append(bool(ok[r]))
     loss[m] = s_tot / max(n_tot, 1)
+  metas = [meta for b in batches for meta, e in zip(b["meta"], b["empty"]) if not e]
+  if jax.process_count() > 1:  # Each process scored its own rows.
+    parts = distributed.allgather_json({"correct": {str(m): c for m, c in correct.items()},
+                                        "metas": metas})
+    correct = {m: {} for m in ms}
+    for part in parts:
+      for m in ms:
+        for kind, oks in part["correct"][str(m)].items():
+          correct[m].setdefault(kind, []).extend(oks)
+    metas = [meta for part in parts for meta in part["metas"]]
   kinds = sorted(correct[ms[0]])
   acc = {k: {m: float(np.mean(correct[m][k])) for m in ms} for k in kinds}
   counts = {k: len(correct[ms[0]][k]) for k in kinds}
-  return {"accuracy": acc, "loss": loss, "count": counts,
-          "chance": _chance([meta for b in batches for meta, e in zip(b["meta"], b["empty"])
-                             if not e])}
+  return {"accuracy": acc, "loss": loss, "count": counts, "chance": _chance(metas)}
 
 
 def _chance(metas) -> dict:
@@ -742,7 +779,7 @@ def path_problem(field: str, value: str, what: str) -> str | None:
   """What is wrong with the path in config field `field` (None: it exists)."""
   if not value:
     return f"--config.{field} is not set ({what})"
-  if not os.path.exists(value):
+  if not paths.exists(value):
     return f"--config.{field}={value} does not exist ({what})"
   return None
 
@@ -819,9 +856,8 @@ def write_dry_run(workdir: str, plans: dict) -> dict:
   report = {"devices": jax.device_count(),
             "stages": {f"stage{n}": plan.memory for n, plan in plans.items()}}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "dry_run.json")
-    with open(path, "w") as f:
-      json.dump(report, f, indent=1)
+    path = paths.join(workdir, "dry_run.json")
+    paths.write_text_atomic(path, json.dumps(report, indent=1))
     print(f"dry run written to {path}", flush=True)
   return report
 
@@ -837,9 +873,9 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
     _say(f"note: {note}")
   if not dry_run:
     check_paths(config)
-  os.makedirs(workdir, exist_ok=True)
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+    check_builtin_dir(config, workdir)
+  paths.makedirs(workdir)
+  distributed.initialize(config)
   model_cfg = model_config(config)
   check_eval_ms(config, model_cfg)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
@@ -870,7 +906,7 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
           raise preemption.Preempted(
               f"[stage{n}] stopped on {watch.signal_name or 'a signal in another process'} "
               f"after its last step ({result.final_step}); its checkpoint is in "
-              f"{os.path.join(workdir, f'stage{n}', 'checkpoints')}. Run the same command "
+              f"{paths.join(workdir, f'stage{n}', 'checkpoints')}. Run the same command "
               f"again to continue.")
     skipped = eval_skip_reason(config)
     if skipped and config.eval.ms and params is not None:
@@ -881,7 +917,7 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
       result = evaluate(config, params, model_cfg, mesh, ms, workdir)
       chance = {**result.pop("chance"), **dict(config.eval.get("chance", {}) or {})}
       table = format_table(result, ms, chance)
-      print("\nheld-out teacher-forced answer accuracy per m:\n" + table, flush=True)
+      _say("\nheld-out teacher-forced answer accuracy per m:\n" + table)
       summary["eval"] = {"ms": ms, "chance": chance, **{k: {str(kk): vv for kk, vv in v.items()}
                                      for k, v in result.items() if k != "accuracy"},
                          "accuracy": {k: {str(m): a for m, a in v.items()}
@@ -913,11 +949,11 @@ def eval_skip_reason(config) -> str | None:
 def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
   """Parameters from the latest checkpoint of another run or stage."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise ValueError(f"init_from checkpoint directory {directory} does not exist")
   target = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
                                       tuple(config.sharding.logical_axis_rules))
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  manager = ocp.CheckpointManager(paths.absolute(directory))
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"no checkpoint in {directory}")

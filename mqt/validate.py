@@ -8,14 +8,15 @@ model's parameters. Both return one line per problem, each naming the setting
 list means nothing was found. The entry points (train.py, evaluate.py, predict.py)
 collect these lines with their own command-line checks and report them all at once.
 """
-import os
 
 import numpy as np
 
 from data import images as images_lib
 from data import templates as templates_lib
 from mqt import config_lib
+from mqt import distributed
 from mqt import matryoshka
+from mqt import paths
 from mqt import sharding as shard_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -193,7 +194,7 @@ def stage_names(config) -> tuple[list[str], list[str]]:
 
 def _device_count(config, devices) -> int | None:
   if devices is None:
-    if _get(config, "distributed", False):
+    if distributed.wanted(config):
       return None  # Known only after jax.distributed.initialize().
     import jax  # pylint: disable=import-outside-toplevel
     return jax.device_count()
@@ -261,6 +262,7 @@ def config_problems(config, devices=None, *, skip=()) -> list[str]:
   problems += _eval_problems(config, big_m)
   problems += _data_problems(config, big_m)
   problems += mesh_problems(config, devices)
+  problems += distributed.problems(config)
   problems += _run_problems(config)
   skipped = tuple(f"--config.{s}" for s in skip)
   return list(dict.fromkeys(p for p in problems if not p.startswith(skipped)))
@@ -292,7 +294,7 @@ def checkpoint_params_metadata(directory: str) -> tuple[int | None, dict]:
   step's metadata reads or the folder is not such a checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
+      paths.absolute(directory),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                      "data": ocp.JsonCheckpointHandler(),
                      "run": ocp.JsonCheckpointHandler()},
@@ -334,7 +336,7 @@ def checkpoint_problems(directory: str, abstract_params, *, dtypes: bool = True)
 
   -> [] when every leaf matches (or the folder holds no step yet), else one line naming
   the missing, unexpected and differently shaped leaves (at most 5, then "and N more")."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return [f"checkpoint folder {directory} does not exist"]
   try:
     step, saved = checkpoint_params_metadata(directory)
@@ -395,7 +397,7 @@ def data_file_problems(blocks) -> list[str]:
   problems, seen = [], {}
   for where, block in blocks:
     path = block.get("json_path") if block.get("kind") == "json" else ""
-    if not path or not os.path.isfile(path):
+    if not path or not paths.isfile(path):
       continue  # Missing paths are named by the path checks.
     if path not in seen:
       try:

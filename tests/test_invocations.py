@@ -133,6 +133,11 @@ def _cases(root):
        1, [f"--config.tokenizer_path={root / 'no.model'} does not exist"]),
       ("predict other size", "predict.py", pred + ["--m=2"], 1,
        [f"checkpoint {ckpt} step 1 holds a different model"]),
+      ("process id", "train.py", [fresh], 1,
+       ["JAX_PROCESS_ID=2 is not below JAX_NUM_PROCESSES=2 (ids count from 0)"]),
+      ("process count", "train.py", [fresh], 1,
+       ["JAX_NUM_PROCESSES='two' is not a non-negative integer",
+        "JAX_NUM_PROCESSES is set but not JAX_PROCESS_ID: set both"]),
       ("predict several", "predict.py", [work, data, run1, f"--image={root / 'none.png'}",
                                          "--prompt=hi", "--m=0", "--top_p=2"], 1,
        ["this run cannot start", "--m=0", "--top_p=2.0 must lie in (0, 1]",
@@ -140,9 +145,17 @@ def _cases(root):
   ]
 
 
-def _run(script, args, devices):
+# Launch settings of several processes (mqt/distributed.py), by case name.
+ENVIRONMENTS = {
+    "process id": {"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2",
+                   "JAX_PROCESS_ID": "2"},
+    "process count": {"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "two"},
+}
+
+
+def _run(script, args, devices, environment=None):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(environment or {}))
   if not any(a.startswith("--config=") for a in args):
     args = ["--config=configs/tiny.py", *args]
   t0 = time.perf_counter()
@@ -157,7 +170,7 @@ def test_bad_invocations_are_named_before_any_work(small_run):
   assert len(cases) >= 14
   before = sorted(os.listdir(root / "w" / "stage1" / "checkpoints"))
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    runs = list(pool.map(lambda c: _run(c[1], c[2], c[3]), cases))
+    runs = list(pool.map(lambda c: _run(c[1], c[2], c[3], ENVIRONMENTS.get(c[0])), cases))
   times = {}
   for (name, script, _, _, wanted), (proc, seconds) in zip(cases, runs):
     where = f"{name} ({script}): rc {proc.returncode}\n{proc.stderr[-3000:]}"
