@@ -47,7 +47,7 @@ MESH_2X4 = ("--config.sharding.mesh.data=2", "--config.sharding.mesh.fsdp=4")
 TIMEOUT = 300
 KEY_BIASES = ("k_proj/bias", "ln_k/bias")
 
-def _overrides(data_dir):
+def _overrides(data_dir, eval_ms="(1,9)"):
   """The --config overrides every command here shares (train.py, evaluate.py, predict.py)."""
   return [f"--config.data.data_dir={data_dir}",
           "--config.data.builtin_sizes.captions=32", "--config.data.builtin_sizes.instruct=48",
@@ -55,7 +55,8 @@ def _overrides(data_dir):
           f"--config.stage1.steps={STEPS1}", f"--config.stage2.steps={STEPS2}",
           f"--config.stage1.data.batch_size={BATCH}", f"--config.stage2.data.batch_size={BATCH}",
           f"--config.checkpoint.every={EVERY}", "--config.checkpoint.keep=4",
-          "--config.log_every=4", "--config.eval.ms=(1,9)", "--config.eval.data.batch_size=8"]
+          "--config.log_every=4", f"--config.eval.ms={eval_ms}",
+          "--config.eval.data.batch_size=8"]
 
 
 def _env(devices, **extra):
@@ -107,10 +108,10 @@ class Runs:
   def __init__(self, data_dir):
     self.data_dir = data_dir
 
-  def train(self, workdir, devices, *extra, processes=1, log=None):
+  def train(self, workdir, devices, *extra, processes=1, log=None, eval_ms="(1,9)"):
     """-> the outputs of a train.py run whose processes must all exit 0."""
-    results = _launch("train.py", [f"--workdir={workdir}", *_overrides(self.data_dir), *extra],
-                      processes, devices, log)
+    results = _launch("train.py", [f"--workdir={workdir}", *_overrides(self.data_dir, eval_ms),
+                                   *extra], processes, devices, log)
     for code, out in results:
       assert code == 0, out[-3000:]
     assert "summary written to" in results[0][1], results[0][1][-3000:]
@@ -270,17 +271,17 @@ def stopped(reference, tmp_path_factory):
 
 def _continue(runs, stopped, tmp_path_factory, devices, *extra):
   """-> (the continued copy of `stopped`, a from-scratch run's workdir), both on
-  `devices` devices with `extra` flags."""
+  `devices` devices with `extra` flags (and no end-of-run evaluation)."""
   base = tmp_path_factory.mktemp(f"on{devices}")
   resumed = base / "resumed"
   shutil.copytree(stopped, resumed)
-  out = runs.train(resumed, devices, *extra)[0]
+  out = runs.train(resumed, devices, *extra, eval_ms="()")[0]
   assert f"[stage2] resumed from checkpoint at step {STOP}" in out, out[-3000:]
   assert f"[stage1] resumed from checkpoint at step {STEPS1}" in out, out[-3000:]
   assert "data position was taken from the step" not in out, out[-3000:]
   assert _steps(resumed, 2)[-1] == STEPS2
   scratch = base / "scratch"
-  out = runs.train(scratch, devices, *extra)[0]
+  out = runs.train(scratch, devices, *extra, eval_ms="()")[0]
   assert "resumed from checkpoint" not in out
   return resumed, scratch
 
@@ -334,7 +335,8 @@ def test_a_4_device_checkpoint_continues_on_1_device(on_one, stopped):
 def test_a_4_device_checkpoint_continues_on_a_2x4_mesh(on_eight, stopped):
   resumed, scratch = on_eight
   _assert_continued(resumed, scratch, stopped, "4 devices -> data=2 x fsdp=4")
-  assert _summary(resumed)["stages"]["stage2"]["steps"] == STEPS2
+  summary = _summary(resumed)
+  assert summary["stages"]["stage2"]["steps"] == STEPS2 and "eval" not in summary
 
 
 def test_an_8_device_checkpoint_evaluates_on_1_device(runs, on_eight, tmp_path):
