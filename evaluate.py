@@ -79,10 +79,8 @@ def preflight(config, workdir: str) -> list[int]:
     builtin = "builtin" in evaluate.benchmark_sources(_BENCHMARKS.value).values()
   except ValueError:  # An unknown name, already named.
     builtin = False
-  if builtin and paths.is_uri(train.builtin_dir(config, workdir)):
-    found.add(f"the built-in benchmarks are prepared on local disk, not in "
-              f"{train.builtin_dir(config, workdir)}: set --config.data.data_dir to a local "
-              f"folder")
+  if builtin and train.builtin_dir_problem(config, workdir):
+    found.add(train.builtin_dir_problem(config, workdir))
   if paths.is_uri(out_dir(workdir)):
     found.add(f"results are written to local disk, not {out_dir(workdir)}: set --out_dir to a "
               f"local folder")

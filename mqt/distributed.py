@@ -62,9 +62,8 @@ def wanted(config, environ=None) -> bool:
   return bool(config.get("distributed", False)) or any(environ.get(k) for k in ENV)
 
 
-def problems(config, environ=None) -> list[str]:
+def problems(environ=None) -> list[str]:
   """The environment's launch settings, judged before anything starts."""
-  del config
   return from_environment(environ)[1]
 
 

@@ -130,14 +130,23 @@ def builtin_dir(config, workdir: str) -> str:
   return config.data.data_dir or paths.join(workdir, "data")
 
 
+def builtin_dir_problem(config, workdir: str) -> str | None:
+  """The built-in set (data and benchmarks) is generated and read on local disk: why
+  `builtin_dir` cannot hold it (a cloud workdir without config.data.data_dir), or None."""
+  where = builtin_dir(config, workdir)
+  if paths.is_uri(where):
+    return (f"the built-in data is prepared on local disk, not in {where}: set "
+            f"--config.data.data_dir to a local folder (the workdir can stay in the cloud)")
+  return None
+
+
 def check_builtin_dir(config, workdir: str) -> None:
-  """The built-in set is generated and read on local disk: a cloud workdir (gs://...)
-  needs config.data.data_dir for it."""
+  """`builtin_dir_problem` as a ValueError, where a stage or the evaluation reads the
+  built-in set."""
   blocks = [config[f"stage{n}"].data for n in stages_to_run(config)] + [config.eval.data]
-  if (any(b.kind == "builtin" for b in blocks) and paths.is_uri(builtin_dir(config, workdir))):
-    raise ValueError(f"the built-in data is prepared on local disk, not in "
-                     f"{builtin_dir(config, workdir)}: set --config.data.data_dir to a local "
-                     f"folder (the workdir can stay in the cloud)")
+  problem = builtin_dir_problem(config, workdir)
+  if problem and any(b.kind == "builtin" for b in blocks):
+    raise ValueError(problem)
 
 
 def prepare_builtin(config, workdir: str) -> str:

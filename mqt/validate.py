@@ -262,7 +262,7 @@ def config_problems(config, devices=None, *, skip=()) -> list[str]:
   problems += _eval_problems(config, big_m)
   problems += _data_problems(config, big_m)
   problems += mesh_problems(config, devices)
-  problems += distributed.problems(config)
+  problems += distributed.problems()
   problems += _run_problems(config)
   skipped = tuple(f"--config.{s}" for s in skip)
   return list(dict.fromkeys(p for p in problems if not p.startswith(skipped)))

@@ -43,7 +43,7 @@ def test_bad_settings_each_named():
       "JAX_PROCESS_ID=2 is not below JAX_NUM_PROCESSES=2 (ids count from 0)"]
   assert problems(JAX_COORDINATOR_ADDRESS="nohost") == [
       "JAX_COORDINATOR_ADDRESS='nohost' is not host:port"]
-  assert distributed.problems({}, {"JAX_NUM_PROCESSES": "x", "JAX_PROCESS_ID": "0"}) == [
+  assert distributed.problems({"JAX_NUM_PROCESSES": "x", "JAX_PROCESS_ID": "0"}) == [
       "JAX_NUM_PROCESSES='x' is not a non-negative integer"]
 
 
