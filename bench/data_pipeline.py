@@ -7,7 +7,6 @@ as it reads it) and LLaVA-format JSON with real JPEG photos (skimage) decoded, p
 resized to 336 px (the 7B model's input), each through TFDS ArrayRecord and
 the grain pipeline, in-process and with 2 worker processes.
 """
-import io
 import json
 import os
 import tempfile

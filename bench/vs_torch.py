@@ -1,7 +1,7 @@
-r"""The project's train step against an eager PyTorch one of identical shapes.
+r"""The project's train step and prefill against eager PyTorch at identical shapes.
 
   python -m bench.vs_torch                                # tiny and medium, 3 rounds
-  python -m bench.vs_torch --shapes=tiny --rounds=5 --steps=10
+  python -m bench.vs_torch --shapes=tiny --rounds=5 --steps=10 --what=step
 
 Both sides build the same model from one set of HF configs: HF CLIP (vision
 tower, frozen), the official query transformer (tests/torch_reference.py) and
@@ -9,19 +9,26 @@ HF LLaMA (eager attention), joined by LLaVA's splice; the query transformer and
 the LLM train with AdamW (the paper's stage-2 trainability). Batch `--batch`
 rows of `--text_len` text tokens (the `<image>` placeholder at position 1, the
 second half labelled). Each step draws its m uniformly from 1..M; both sides
-get the same m sequence in a round.
+get the same m sequence in a round. The jax side runs each step in its
+power-of-two m bucket (`--buckets`, as `config.stageN.matryoshka.buckets`);
+every bucket a round uses is compiled before the timed steps.
 
 Each round runs the two sides in separate processes, one after the other
 (jax first in even rounds, torch first in odd ones): a process builds its
 model, runs one untimed step (compilation on the jax side) and times
 `--steps` steps. The table gives the median step over all rounds.
 
+Prefill (`--what=prefill`): batch 1 and 8, m = 1, 16 and M, the prompt of
+`--text_len` tokens; jax runs `mqt.generate.prefill` compiled per m (cache of
+S + `--max_new_tokens` slots), torch the same modules under inference_mode with
+HF's cache, the last position's logits on both sides. Each call is warmed once,
+then timed once per pass over `--prefill_runs` passes.
+
 FLOPs per step (one convention for both sides, "model FLOPs at m"): matrix
 products only (mqt.flops), multiply-add = 2, at the step's own m: the frozen
 vision tower's forward once, the query transformer and the LLM forward three
-times (forward + backward). The project's step pads every row to T + M - 1
-slots whatever m is, so it computes more than this; the table counts only the
-model FLOPs at m, the work an eager implementation needs.
+times (forward + backward). Work a side does beyond that (padding to a bucket,
+elementwise ops) is not counted.
 
 Peak: the best float32 2048^3 matmul rate of jax and of torch on this machine,
 measured before each round. MFU = model FLOPs / step time / that peak. A round
@@ -34,6 +41,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 from absl import app
@@ -54,8 +62,17 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side and round.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per step.")
 _TEXT = flags.DEFINE_integer("text_len", 192, "Text tokens per row (placeholder included).")
 _THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for each side (0: all cores).")
+_WHAT = flags.DEFINE_list("what", ["step", "prefill"], "Of step, prefill.")
+_PREFILL_BATCHES = flags.DEFINE_list("prefill_batches", ["1", "8"], "Prefill batch sizes.")
+_PREFILL_RUNS = flags.DEFINE_integer("prefill_runs", 5, "Timed prefill calls per (batch, m) "
+                                     "per side and round.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Prefill: cache room for new tokens.")
+_BUCKETS = flags.DEFINE_bool("buckets", True, "jax step: one compiled step per power-of-two "
+                              "bucket of m (cost follows m); else one step of all M slots.")
 _SIDE = flags.DEFINE_enum("side", "", ["", "jax", "torch"], "Internal: run one side.")
-_SHAPE = flags.DEFINE_string("shape", "", "Internal: the shape of --side.")
+_KIND = flags.DEFINE_enum("kind", "step", ["step", "prefill"], "Internal: what --side times.")
+_SHAPE = flags.DEFINE_string("shape", "", "Internal: the shape of --side (bench.profile_step: "
+                             "the shape it profiles).")
 _ROUND = flags.DEFINE_integer("round", 0, "Internal: the round of --side (seeds the m's).")
 
 
@@ -143,11 +160,14 @@ def _timed(fn) -> float:
 # ---------------------------------------------------------------------------
 # One side in this process.
 
-def run_jax(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
+def jax_step(s: dict, batch: int, text_len: int, buckets: bool):
+  """The project's stage-2 step at shape s: a namespace of step(state, batch, m) (m run
+  in its bucket's jitted step), state, batch (on device), bucket_of(m) and
+  hlo(state, batch, m) (the optimized HLO text of m's step)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from mqt import config_lib, optim  # pylint: disable=import-outside-toplevel
+  from mqt import config_lib, matryoshka, optim  # pylint: disable=import-outside-toplevel
   from mqt.model import IGNORE, MQTLLaVA, abstract_params  # pylint: disable=import-outside-toplevel
   from mqt.train import make_train_step  # pylint: disable=import-outside-toplevel
   cfg = model_config(s)
@@ -167,12 +187,33 @@ def run_jax(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
   trainable, _ = optim.partition(params, labels)
   state = {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
            "rng": jax.random.PRNGKey(0)}
-  step = jax.jit(make_train_step(model, tx, labels, 1), donate_argnums=(0,))
-  b = jax.device_put(b)
+  sizes = matryoshka.pow2_buckets(s["M"]) if buckets else (s["M"],)
+  sampler = matryoshka.MSampler("uniform", s["M"], buckets=sizes)
+  steps = {n: jax.jit(make_train_step(model, tx, labels, 1, num_latents=n),
+                      donate_argnums=(0,)) for n in sampler.buckets}
+
+  def step(state, batch, m: int):
+    return steps[sampler.bucket([m])](state, batch, jnp.asarray([m], jnp.int32))
+
+  def hlo(state, batch, m: int) -> str:
+    ms = jnp.asarray([m], jnp.int32)
+    return steps[sampler.bucket([m])].lower(state, batch, ms).compile().as_text()
+
+  return types.SimpleNamespace(step=step, state=state, batch=jax.device_put(b),
+                               bucket_of=lambda m: sampler.bucket([m]), hlo=hlo)
+
+
+def run_jax(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
+  import jax  # pylint: disable=import-outside-toplevel
+  run = jax_step(s, batch, text_len, _BUCKETS.value)
+  step, state, b = run.step, run.state, run.batch
+  for m in sorted({run.bucket_of(m) for m in ms}):  # Compiles every bucket used first.
+    state, out = step(state, b, m)
+  jax.block_until_ready(out["loss"])
   times = []
   for k, m in enumerate(ms):
     t = time.perf_counter()
-    state, out = step(state, b, jnp.asarray([m], jnp.int32))
+    state, out = step(state, b, m)
     jax.block_until_ready(out["loss"])
     if k:
       times.append(time.perf_counter() - t)
@@ -215,10 +256,99 @@ def run_torch(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
   return times
 
 
+def prefill_ms(s: dict) -> list[int]:
+  return sorted({1, 16, s["M"]} & set(range(1, s["M"] + 1)))
+
+
+def prefill_inputs(s: dict, batch: int, text_len: int):
+  """(images [B, H, W, 3] float32, ids [B, T] int64 with the placeholder at 1)."""
+  rng = np.random.default_rng(2)
+  ids = rng.integers(3, 900, (batch, text_len)).astype(np.int64)
+  ids[:, 1] = -200
+  images = rng.normal(size=(batch, s["image"], s["image"], 3)).astype(np.float32)
+  return images, ids
+
+
+def run_jax_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) -> dict:
+  """{"batch/m": [seconds]}: `mqt.generate.prefill` with num_latents=m (one program per
+  m), the last position's logits and a cache of S + max_new slots."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from mqt import generate as gen  # pylint: disable=import-outside-toplevel
+  from mqt.model import MQTLLaVA  # pylint: disable=import-outside-toplevel
+  cfg = model_config(s)
+  model = MQTLLaVA(cfg)
+  fn = jax.jit(gen.prefill, static_argnames=("model", "max_new_tokens", "num_latents"))
+  calls = {}
+  for batch in batches:
+    images, ids = prefill_inputs(s, batch, text_len)
+    ids = ids.astype(np.int32)
+    mask = np.ones(ids.shape, bool)
+    if not calls:
+      params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), images[:1], ids[:1],
+                                                   mask[:1], 1))["params"])()
+    args = jax.device_put((images, ids, mask))
+    for m in prefill_ms(s):
+      calls[f"{batch}/{m}"] = (lambda a=args, m=m: fn(model, params, *a, m,
+                                                      max_new_tokens=max_new, num_latents=m))
+  return _time_rounds({k: (lambda c=c: jax.block_until_ready(c())) for k, c in calls.items()},
+                      runs)
+
+
+def run_torch_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) -> dict:
+  """The same under torch.inference_mode: CLIP's second-last layer, the query
+  transformer over m latents, LLaVA's splice, HF LLaMA with its cache and the last
+  position's logits."""
+  del max_new  # HF's dynamic cache holds exactly the prompt.
+  import torch  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from transformers import CLIPVisionModel, LlamaForCausalLM
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from tests import torch_reference as ref  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  clip_cfg, llm_cfg = hf_configs(s)
+  clip, llm = CLIPVisionModel(clip_cfg).eval(), LlamaForCausalLM(llm_cfg).eval()
+  query = ref.RefQueryTransformer(s["v_width"], s["q_heads"], s["width"], s["M"]).eval()
+  embed = llm.get_input_embeddings()
+
+  def prefill(pixels, ids, m):
+    with torch.inference_mode():
+      hidden = clip(pixels, output_hidden_states=True).hidden_states[-2]
+      vis = query(hidden[:, 1:], m)
+      x = torch.cat([embed(ids[:, :1]), vis, embed(ids[:, 2:])], dim=1)
+      return llm(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits
+
+  calls = {}
+  for batch in batches:
+    images, ids = prefill_inputs(s, batch, text_len)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    ids_t = torch.from_numpy(ids)
+    for m in prefill_ms(s):
+      calls[f"{batch}/{m}"] = lambda p=pixels, i=ids_t, m=m: prefill(p, i, m)
+  return _time_rounds(calls, runs)
+
+
+def _time_rounds(calls: dict, runs: int) -> dict:
+  """Warms every call once, then times each once per round over `runs` rounds."""
+  for c in calls.values():
+    c()
+  times = {k: [] for k in calls}
+  for _ in range(runs):
+    for k, c in calls.items():
+      times[k].append(_timed(c))
+  return times
+
+
 def child() -> None:
   s = SHAPES[_SHAPE.value]
-  ms = m_sequence(s, _ROUND.value, _STEPS.value)
   peaks = matmul_peaks()
+  if _KIND.value == "prefill":
+    run = run_jax_prefill if _SIDE.value == "jax" else run_torch_prefill
+    times = run(s, [int(b) for b in _PREFILL_BATCHES.value], _PREFILL_RUNS.value,
+                _TEXT.value, _MAX_NEW.value)
+    print("RESULT " + json.dumps({"prefill": times, "peaks": peaks}), flush=True)
+    return
+  ms = m_sequence(s, _ROUND.value, _STEPS.value)
   run = run_jax if _SIDE.value == "jax" else run_torch
   times = run(s, ms, _BATCH.value, _TEXT.value)
   print("RESULT " + json.dumps({"times": times, "ms": ms[1:], "peaks": peaks}), flush=True)
@@ -234,7 +364,7 @@ def _cpu_jiffies():
   return sum(parts) - idle, sum(parts)
 
 
-def spawn(side: str, shape: str, round_: int) -> dict:
+def spawn(side: str, shape: str, round_: int, kind: str = "step") -> dict:
   """Runs one side in a fresh process; -> its result plus `others` (the share of the
   machine's CPU other processes used meanwhile)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -243,7 +373,10 @@ def spawn(side: str, shape: str, round_: int) -> dict:
   env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
   cmd = [sys.executable, "-m", "bench.vs_torch", f"--side={side}", f"--shape={shape}",
          f"--round={round_}", f"--steps={_STEPS.value}", f"--batch={_BATCH.value}",
-         f"--text_len={_TEXT.value}", f"--threads={threads}"]
+         f"--text_len={_TEXT.value}", f"--threads={threads}", f"--kind={kind}",
+         f"--buckets={_BUCKETS.value}", f"--prefill_runs={_PREFILL_RUNS.value}",
+         f"--prefill_batches={','.join(_PREFILL_BATCHES.value)}",
+         f"--max_new_tokens={_MAX_NEW.value}"]
   busy0, total0 = _cpu_jiffies()
   own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -261,6 +394,61 @@ def spawn(side: str, shape: str, round_: int) -> dict:
   return out
 
 
+def _rounds(shape: str, kind: str) -> tuple[dict, list[float], list[str]]:
+  """Runs both sides --rounds times, alternating which goes first."""
+  results, peaks, flagged = {"jax": [], "torch": []}, [], []
+  for r in range(_ROUNDS.value):
+    for side in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+      out = spawn(side, shape, r, kind)
+      results[side].append(out)
+      peaks.append(max(out["peaks"].values()))
+      if out["others"] > 0.10:
+        flagged.append(f"round {r} {side}: other processes used {out['others']:.0%} of the CPU")
+      took = (f"median step {np.median(out['times']) * 1e3:.1f} ms" if kind == "step" else
+              "prefill " + ", ".join(f"{k} {np.median(v) * 1e3:.1f} ms"
+                                     for k, v in out["prefill"].items()))
+      print(f"  {shape} {kind} round {r} {side}: {took}, others {out['others']:.1%}, peaks "
+            + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in out["peaks"].items()) + " GFLOP/s",
+            flush=True)
+  if min(peaks) < 0.9 * max(peaks):
+    flagged.append(f"the matmul peak moved from {min(peaks) / 1e9:.0f} to "
+                   f"{max(peaks) / 1e9:.0f} GFLOP/s")
+  return results, peaks, flagged
+
+
+def step_row(shape: str) -> dict:
+  s = SHAPES[shape]
+  results, peaks, flagged = _rounds(shape, "step")
+  row = {"shape": shape, "peak": max(peaks), "busy": flagged}
+  for side in ("jax", "torch"):
+    times = [t for out in results[side] for t in out["times"]]
+    ms = [m for out in results[side] for m in out["ms"]]
+    fl = [model_flops(s, m, _BATCH.value, _TEXT.value) for m in ms]
+    row[side] = {"step_s": float(np.median(times)),
+                 "mfu": float(np.sum(fl) / np.sum(times) / row["peak"]),
+                 "gflop_per_step": float(np.mean(fl)) / 1e9}
+  return row
+
+
+def prefill_rows(shape: str) -> tuple[list[dict], list[str]]:
+  """One row per (batch, m): both sides' median latency and the FLOP ratio to m = M."""
+  from mqt import flops  # pylint: disable=import-outside-toplevel
+  s = SHAPES[shape]
+  results, _, flagged = _rounds(shape, "prefill")
+  cfg = model_config(s)
+  med = {side: {k: float(np.median([t for out in results[side] for t in out["prefill"][k]]))
+                for k in results[side][0]["prefill"]} for side in results}
+  rows = []
+  for key in med["jax"]:
+    batch, m = (int(x) for x in key.split("/"))
+    fl = lambda n: flops.flops_per_m(cfg, _TEXT.value, n, _MAX_NEW.value, batch=batch)["prefill"]
+    full = f"{batch}/{s['M']}"
+    rows.append({"shape": shape, "batch": batch, "m": m, "jax_s": med["jax"][key],
+                 "torch_s": med["torch"][key], "lat_ratio": med["jax"][key] / med["jax"][full],
+                 "flop_ratio": fl(m) / fl(s["M"]), "gflop": fl(m) / 1e9})
+  return rows, flagged
+
+
 def main(argv):
   del argv
   if _SIDE.value:
@@ -269,49 +457,41 @@ def main(argv):
     child()
     return
   print(f"{os.cpu_count()} CPUs; batch {_BATCH.value}, {_TEXT.value} text tokens, "
-        f"{_ROUNDS.value} rounds x {_STEPS.value} timed steps per side", flush=True)
-  rows = []
+        f"{_ROUNDS.value} rounds x {_STEPS.value} timed steps per side; jax step "
+        f"{'in power-of-two m buckets' if _BUCKETS.value else 'over all M slots'}", flush=True)
+  steps, prefills, busy = [], [], []
   for shape in _SHAPES.value:
-    s = SHAPES[shape]
-    results = {"jax": [], "torch": []}
-    peaks, flagged = [], []
-    for r in range(_ROUNDS.value):
-      order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
-      for side in order:
-        out = spawn(side, shape, r)
-        results[side].append(out)
-        peaks.append(max(out["peaks"].values()))
-        if out["others"] > 0.10:
-          flagged.append(f"round {r} {side}: other processes used {out['others']:.0%} of the CPU")
-        print(f"  {shape} round {r} {side}: median step "
-              f"{np.median(out['times']) * 1e3:.1f} ms, others {out['others']:.1%}, peaks "
-              + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in out["peaks"].items()) + " GFLOP/s",
-              flush=True)
-    peak = max(peaks)
-    if min(peaks) < 0.9 * peak:
-      flagged.append(f"the matmul peak moved from {min(peaks) / 1e9:.0f} to "
-                     f"{peak / 1e9:.0f} GFLOP/s")
-    row = {"shape": shape, "peak": peak, "busy": flagged}
-    for side in ("jax", "torch"):
-      times = [t for out in results[side] for t in out["times"]]
-      ms = [m for out in results[side] for m in out["ms"]]
-      fl = [model_flops(s, m, _BATCH.value, _TEXT.value) for m in ms]
-      row[side] = {"step_s": float(np.median(times)),
-                   "mfu": float(np.sum(fl) / np.sum(times) / peak),
-                   "gflop_per_step": float(np.mean(fl)) / 1e9}
-    rows.append(row)
-  print(f"\n{'shape':<8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}{'GFLOP/step':>12}"
-        f"{'jax MFU':>9}{'torch MFU':>11}{'peak GFLOP/s':>14}")
-  for row in rows:
-    j, t = row["jax"], row["torch"]
-    print(f"{row['shape']:<8}{j['step_s'] * 1e3:>10.1f}{t['step_s'] * 1e3:>10.1f}"
-          f"{j['step_s'] / t['step_s']:>11.2f}{j['gflop_per_step']:>12.2f}{j['mfu']:>9.1%}"
-          f"{t['mfu']:>11.1%}{row['peak'] / 1e9:>14.0f}")
-    for line in row["busy"]:
-      print(f"  busy: {line}")
-  print("\nFLOPs: model FLOPs at each step's m (matmuls, multiply-add = 2; frozen vision "
-        "forward once, query transformer + LLM x3); MFU against the best float32 matmul "
-        "of jax or torch measured here.")
+    if "step" in _WHAT.value:
+      steps.append(step_row(shape))
+      busy += [f"{shape} step: {x}" for x in steps[-1]["busy"]]
+    if "prefill" in _WHAT.value:
+      rows, flagged = prefill_rows(shape)
+      prefills += rows
+      busy += [f"{shape} prefill: {x}" for x in flagged]
+  if steps:
+    print(f"\n{'shape':<8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}{'GFLOP/step':>12}"
+          f"{'jax MFU':>9}{'torch MFU':>11}{'peak GFLOP/s':>14}")
+    for row in steps:
+      j, t = row["jax"], row["torch"]
+      print(f"{row['shape']:<8}{j['step_s'] * 1e3:>10.1f}{t['step_s'] * 1e3:>10.1f}"
+            f"{j['step_s'] / t['step_s']:>11.2f}{j['gflop_per_step']:>12.2f}{j['mfu']:>9.1%}"
+            f"{t['mfu']:>11.1%}{row['peak'] / 1e9:>14.0f}")
+    print("FLOPs: model FLOPs at each step's m (matmuls, multiply-add = 2; frozen vision "
+          "forward once, query transformer + LLM x3); MFU against the best float32 matmul "
+          "of jax or torch measured here.")
+  if prefills:
+    print(f"\n{'shape':<8}{'batch':>6}{'m':>4}{'jax ms':>9}{'torch ms':>10}{'jax/torch':>11}"
+          f"{'GFLOP':>8}{'lat/lat(M)':>12}{'FLOP/FLOP(M)':>14}{'off by':>8}")
+    for r in prefills:
+      print(f"{r['shape']:<8}{r['batch']:>6}{r['m']:>4}{r['jax_s'] * 1e3:>9.2f}"
+            f"{r['torch_s'] * 1e3:>10.2f}{r['jax_s'] / r['torch_s']:>11.2f}{r['gflop']:>8.2f}"
+            f"{r['lat_ratio']:>12.2f}{r['flop_ratio']:>14.2f}"
+            f"{r['lat_ratio'] / r['flop_ratio'] - 1:>+8.0%}")
+    print("Prefill: the vision tower, the query transformer at m and the LLM over T + m - 1 "
+          "positions with its cache, last position's logits; FLOPs by mqt.flops (matmuls). "
+          "off by: the jax latency ratio to m = M over the FLOP ratio, minus 1.")
+  for line in busy:
+    print(f"busy: {line}")
 
 
 if __name__ == "__main__":

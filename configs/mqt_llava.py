@@ -67,10 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       data=config_lib.data_block(kind="json", template="plain", image_mode="crop",
                                  batch_size=256, group_by_modality=False))
   # Stage 2: the 665K mix, m uniform over even 2..256 per step, query transformer + LLM,
-  # lr 2e-5, batch 128, 2 epochs; parameters from the stage-1 run.
+  # lr 2e-5, batch 128, 2 epochs; parameters from the stage-1 run. Three step shapes
+  # (64, 128 and 256 visual slots): a step with m <= 64 runs 192 fewer sequence slots
+  # than one with all M; about 4% fewer slots on average, for two more compiles.
   config.stage2 = config_lib.stage_block(
       steps=10390, lr=2e-5, rules=config_lib.STAGE2_RULES, matryoshka_kind="official",
-      accum_steps=2,
+      accum_steps=2, buckets=(64, 128),
       data=config_lib.data_block(kind="json", template="vicuna_v1", image_mode="pad",
                                  batch_size=128, group_by_modality=True))
   if knobs.stage == 2:

@@ -124,7 +124,7 @@ def max_text_len(config, block, where: str = "") -> int:
 
 
 def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0.03,
-                accum_steps=1, clip_norm=0.0):
+                accum_steps=1, clip_norm=0.0, buckets=()):
   """One stage of the recipe: data, optimizer groups and the m distribution."""
   return ml_collections.ConfigDict(dict(
       steps=steps,  # Optimizer steps in this stage.
@@ -142,7 +142,10 @@ def stage_block(*, steps, lr, rules, matryoshka_kind, data, m=0, ms=(), warmup=0
       matryoshka=ml_collections.ConfigDict(dict(
           kind=matryoshka_kind,  # official | uniform | log_uniform | fixed | list
           m=m,  # fixed: the m (0 = M)
-          ms=tuple(ms)))))  # list: every m of a step
+          ms=tuple(ms),  # list: every m of a step
+          # Step shapes: one compiled step per size n (n latents, T + n - 1 slots); each
+          # step runs in the smallest n >= its m. () = one step shape with all M latents.
+          buckets=tuple(buckets)))))
 
 
 STAGE1_RULES = (("^query/", 1.0), ("^vision/", None), ("^llm/", None))

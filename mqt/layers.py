@@ -84,8 +84,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     mask: boolean, broadcastable to [B, N, T, S]; True = may attend.
   Returns:
     [B, T, N, H].
+
+  The same arithmetic as `jax.nn.dot_product_attention`'s XLA path (float32 logits
+  scaled by H^-1/2, masked to the dtype's minimum, float32 softmax), laid out for
+  the CPU and TPU matmul units: heads leading, each key/value head's G query heads
+  stacked along the query axis ([B, K, G*T, H] against [B, K, S, H]), so both
+  products are plain batched matmuls over B*K and the G query heads share one
+  key/value block without a copy per head. On the CPU this layout takes 20-40% less
+  time than `jax.nn.dot_product_attention`'s, forward and backward (docs/).
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = n // kh
+  qg = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32)
+  logits = (logits * np.float32(h ** -0.5)).reshape(b, kh, g, t, s)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim != 4:
+      raise ValueError(f"attention mask must be 4-D [B|1, N|1, T, S], got {mask.shape}")
+    mb, mn = mask.shape[:2]
+    mask = (mask.reshape(mb, 1, 1, *mask.shape[2:]) if mn == 1
+            else mask.reshape(mb, kh, g, *mask.shape[2:]))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kh, g * t, s)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, vt)
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def remat_policy(name: str):

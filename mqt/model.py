@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from mqt import layers
@@ -179,6 +180,33 @@ def next_token_loss(logits: jax.Array, layout: Layout, labels: jax.Array):
   return total / jnp.maximum(count, 1), {"loss_sum": total, "tokens": count}
 
 
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy of float32 logits [..., V] at integer targets [...]; 0 where the
+  target is IGNORE. The backward is (softmax - one_hot) * g in one elementwise pass
+  (the autodiff of log_softmax + take_along_axis scatters into a [..., V] zero
+  buffer, the largest cost of the CPU train step before)."""
+  return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  keep = targets != IGNORE
+  picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(keep, lse - picked, 0.0), (logits, lse, targets)
+
+
+def _token_nll_bwd(res, g):
+  logits, lse, targets = res
+  g = jnp.where(targets != IGNORE, g, 0.0)[..., None]
+  hot = jnp.arange(logits.shape[-1]) == targets[..., None]
+  dlogits = (jnp.exp(logits - lse[..., None]) - hot.astype(logits.dtype)) * g
+  return dlogits, np.zeros(targets.shape, jax.dtypes.float0)
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def chunked_next_token_loss(head, hidden: jax.Array, layout: Layout, labels: jax.Array,
                              chunk: int):
   """`next_token_loss` from hidden states, never holding [B, S, V] logits.
@@ -199,14 +227,14 @@ def chunked_next_token_loss(head, hidden: jax.Array, layout: Layout, labels: jax
   xs = x.reshape(b, -1, c, d).swapaxes(0, 1)  # [n / c, B, c, D]
   ts = padded.reshape(b, -1, c).swapaxes(0, 1)  # [n / c, B, c]
 
-  @jax.checkpoint
-  def chunk_sum(x_c, t_c):
-    logits = layers.constrain(head(layers.constrain(x_c)), ("batch", "length", "vocab"))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(t_c, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(t_c != IGNORE, nll, 0.0))
+  def chunk_sum(x_c, t_c):  # The head on flat rows [B*c, D] (see decoder.LlamaBlock).
+    logits = layers.constrain(head(layers.constrain(x_c).reshape(-1, d)), ("batch", "vocab"))
+    return jnp.sum(token_nll(logits, t_c.reshape(-1)))
 
-  total = jnp.sum(jax.lax.map(lambda xt: chunk_sum(*xt), (xs, ts)))
+  if xs.shape[0] == 1:  # One chunk: nothing to save by recomputing the logits.
+    total = chunk_sum(xs[0], ts[0])
+  else:
+    total = jnp.sum(jax.lax.map(lambda xt: jax.checkpoint(chunk_sum)(*xt), (xs, ts)))
   count = (target != IGNORE).sum()
   return total / jnp.maximum(count, 1), {"loss_sum": total, "tokens": count}
 

@@ -68,8 +68,12 @@ LOSS_CHUNK = 256  # Positions per chunk of the LM head + log-softmax in the trai
 
 
 def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
-                    loss_chunk: int = LOSS_CHUNK):
+                    loss_chunk: int = LOSS_CHUNK, num_latents: int | None = None):
   """-> step(state, batch, ms) -> (state, metrics).
+
+  num_latents: the step's bucket (`matryoshka.MSampler.bucket`): the query transformer
+  runs that many latents and the LLM T + num_latents - 1 slots; every m in ms must be
+  at most num_latents. None: all M.
 
   metrics: loss, grad_norm, tokens, and params_finite / opt_state_finite (bool: the new
   trainable parameters / optimizer state hold only finite values; the loop adopts
@@ -85,7 +89,8 @@ def make_train_step(model: MQTLLaVA, tx, labels, accum_steps: int,
     total, count = 0.0, 0
     for k in range(ms.shape[0]):  # K is static: one forward per m of a `list` step.
       hidden, layout = model.apply({"params": params}, micro["images"], micro["input_ids"],
-                                   micro["text_mask"], ms[k], return_hidden=True)
+                                   micro["text_mask"], ms[k], num_latents=num_latents,
+                                   return_hidden=True)
       _, aux = chunked_next_token_loss(head, hidden, layout, micro["labels"], loss_chunk)
       total, count = total + aux["loss_sum"], aux["tokens"]
     return total, count
@@ -362,8 +367,17 @@ class StagePlan:
   sampler: matryoshka.MSampler
   make_state: object
   abstract_state: object  # ShapeDtypeStructs with shardings (`abstract_train_state`).
-  compiled: object  # step(state, batch, ms), compiled for abstract_state and the batch.
-  memory: dict  # Bytes per device (`step_memory`).
+  compiled: object  # step(state, batch, ms) of the largest bucket, compiled ahead.
+  memory: dict  # Bytes per device (`step_memory`) of that largest step.
+  jit_for: object = None  # bucket -> the jitted step of that bucket (compiled on first use).
+  steps: dict = dataclasses.field(default_factory=dict)
+
+  def step_for(self, bucket: int):
+    """The step of `bucket` (`matryoshka.MSampler.bucket`); the first call of a bucket
+    other than the largest compiles it."""
+    if bucket not in self.steps:
+      self.steps[bucket] = self.jit_for(bucket)
+    return self.steps[bucket]
 
 
 def stage_sampler(config, name: str, stage_cfg, model_cfg: ModelConfig) -> matryoshka.MSampler:
@@ -372,10 +386,12 @@ def stage_sampler(config, name: str, stage_cfg, model_cfg: ModelConfig) -> matry
   try:
     return matryoshka.MSampler(mcfg.kind, model_cfg.query.num_queries,
                                seed=config.seed + 1000 * int(name[-1]), m=mcfg.m,
-                               ms=tuple(mcfg.ms))
+                               ms=tuple(mcfg.ms), buckets=tuple(mcfg.buckets))
   except ValueError as e:
     field = {"fixed": f"m={mcfg.m}", "list": f"ms={tuple(mcfg.ms)}"}.get(mcfg.kind,
                                                                         f"kind={mcfg.kind!r}")
+    if "bucket" in str(e):
+      field = f"buckets={tuple(mcfg.buckets)}"
     raise ValueError(f"--config.{name}.matryoshka.{field}: {e}") from None
 
 
@@ -399,14 +415,18 @@ def plan_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh) -> St
   sampler = stage_sampler(config, name, stage_cfg, model_cfg)
   make_state = state_initializer(tx, labels, config.seed)
   abstract_state = abstract_train_state(make_state, params, labels, mesh)
-  step_fn = make_train_step(model, tx, labels, stage_cfg.accum_steps)
   batch = batch_abstract(config, stage_cfg.data, model_cfg, mesh, f"config.{name}.data")
   ms = jax.ShapeDtypeStruct((sampler.width,), jnp.int32, sharding=shard_lib.replicated(mesh))
-  jitted = jax.jit(step_fn, donate_argnums=(0,),
+
+  def jit_for(bucket: int):
+    step_fn = make_train_step(model, tx, labels, stage_cfg.accum_steps, num_latents=bucket)
+    return jax.jit(step_fn, donate_argnums=(0,),
                    out_shardings=(shardings_of(abstract_state), None))
-  compiled = jitted.lower(abstract_state, batch, ms).compile()
+
+  top = max(sampler.reachable_buckets())  # The largest step: the one that must fit.
+  compiled = jit_for(top).lower(abstract_state, batch, ms).compile()
   return StagePlan(model, tx, labels, sched, sampler, make_state, abstract_state, compiled,
-                   step_memory(compiled, abstract_state))
+                   step_memory(compiled, abstract_state), jit_for, {top: compiled})
 
 
 # ---------------------------------------------------------------------------
@@ -610,7 +630,7 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
   active for the whole run; else one for this stage) end the step in progress, write its
   checkpoint and raise preemption.Preempted."""
   plan = plan or plan_stage(config, name, stage_cfg, model_cfg, mesh)
-  model, sampler, sched, compiled = plan.model, plan.sampler, plan.sched, plan.compiled
+  model, sampler, sched = plan.model, plan.sampler, plan.sched
   total = int(stage_cfg.steps)
   stage_dir = paths.join(workdir, name)
   ckpt = ckpt_lib.Checkpointer(paths.join(stage_dir, "checkpoints"), config.checkpoint.every,
@@ -638,7 +658,11 @@ def train_stage(config, name: str, stage_cfg, model_cfg: ModelConfig, mesh, work
       record.add_batch(batch)
       ms = sampler.sample(step)
       device_batch = shard_lib.put_batch(batch, mesh)
-      new_state, out = compiled(state, device_batch, jax.device_put(ms, shard_lib.replicated(mesh)))
+      bucket = sampler.bucket(ms)
+      if bucket not in plan.steps:
+        say(f"compiling the step for m <= {bucket} ({bucket} visual slots)")
+      new_state, out = plan.step_for(bucket)(
+          state, device_batch, jax.device_put(ms, shard_lib.replicated(mesh)))
       loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
       bad = _non_finite(loss, grad_norm, out)
       if bad:  # Not adopted, so nothing non-finite is saved.

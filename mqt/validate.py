@@ -128,6 +128,11 @@ def _stage_problems(config, name: str, big_m: int | None) -> list[str]:
       problems.append(f"{_flag(where + '.m', m)}: the fixed m must be 0 (= M) or "
                       f"1 <= m <= M={big_m} (M: --config.model.query.num_queries)")
     problems += ms_problems(_flag(f"{where}.ms", ms), tuple(ms or ()), big_m)
+    buckets = _get(config, f"{where}.buckets", ())
+    try:
+      matryoshka.bucket_sizes(tuple(buckets or ()), big_m)
+    except (TypeError, ValueError) as e:
+      problems.append(f"{_flag(where + '.buckets', buckets)}: {e}")
   if _get(config, f"{where}.kind", "") == "list" and not ms:
     problems.append(f"--config.{where}.kind=list needs a non-empty --config.{where}.ms")
   return problems

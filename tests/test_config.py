@@ -106,6 +106,7 @@ def test_config_problems_name_each_field_and_what_is_allowed():
   config.stage1.matryoshka.m = 10
   config.stage2.matryoshka.kind = "sometimes"
   config.stage2.matryoshka.ms = (0,)
+  config.stage2.matryoshka.buckets = (4, 16)
   config.stage1.data.template = "chatml"
   config.stage2.data.image_mode = "stretch"
   config.stage2.data.kind = "csv"
@@ -120,6 +121,8 @@ def test_config_problems_name_each_field_and_what_is_allowed():
           "--config.stage1.matryoshka.m=10: the fixed m must be 0 (= M) or 1 <= m <= M=9",
           "--config.stage2.matryoshka.kind=sometimes is not allowed: choose official | uniform",
           "--config.stage2.matryoshka.ms=(0,): m=0 is out of range: 1 <= m <= M=9",
+          "--config.stage2.matryoshka.buckets=(4, 16): bucket size 16 is out of range: each "
+          "must be an integer in 1..M=9",
           "--config.stage1.data.template=chatml is not allowed: choose plain | vicuna_v1 | qa",
           "--config.stage2.data.image_mode=stretch is not allowed: choose pad | crop",
           "--config.stage2.data.kind=csv is not allowed: choose builtin | tfds | json",

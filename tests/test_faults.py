@@ -43,6 +43,8 @@ def _cmd(workdir, data_dir, *extra):
           "--config.stage1.data.batch_size=8", "--config.stage2.data.batch_size=8",
           f"--config.checkpoint.every={EVERY}", "--config.checkpoint.keep=2",
           "--config.log_every=4", "--config.eval.ms=(9,)", "--config.eval.data.batch_size=8",
+          # Two step shapes in stage 2 (m <= 4 and m <= 9): resuming picks each step's.
+          "--config.stage2.matryoshka.buckets=(4,)",
           *extra]
 
 
@@ -86,6 +88,7 @@ def baseline(runner, tmp_path_factory):
   proc, out = runner.run(workdir)
   assert proc.returncode == 0, out[-3000:]
   assert "held-out teacher-forced answer accuracy" in out
+  assert "[stage2] compiling the step for m <= 4 (4 visual slots)" in out, out[-3000:]
   return workdir
 
 

@@ -175,3 +175,81 @@ def test_m_sampler_kinds_and_validation():
 def test_optimizer_rule_errors_name_the_parameter():
   with pytest.raises(ValueError, match=r"parameter vision/.* matches no optimizer rule"):
     _setup((("^query/", 1.0), ("^llm/", 1.0)))
+
+
+def _row_nll(model, params, batch, m, num_latents):
+  """Summed next-token loss of each row [B] (model.apply with num_latents)."""
+  from mqt.model import token_nll
+  hidden, layout = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                               batch["text_mask"], m, num_latents=num_latents,
+                               return_hidden=True)
+  logits = model.apply({"params": params}, hidden[:, :-1], method=MQTLLaVA.head)
+  target = layout.gather_labels(jnp.asarray(batch["labels"]))[:, 1:]
+  return token_nll(logits, target).sum(axis=1)
+
+
+def test_a_bucketed_step_gives_each_sample_the_loss_of_the_single_shape_step():
+  # A step in bucket n runs n latents and T + n - 1 slots instead of M and T + M - 1;
+  # the latents past m are masked either way, so each row's loss is the same.
+  _, cfg, model, tx, labels, step = _setup(config_lib.STAGE2_RULES, eps=1e-3)
+  state = _state(model, cfg, tx, labels)
+  batch = _batch(cfg)
+  sampler = matryoshka.MSampler("uniform", cfg.query.num_queries,
+                                buckets=matryoshka.pow2_buckets(cfg.query.num_queries))
+  nll = jax.jit(_row_nll, static_argnums=(0, 4))
+  big_m = cfg.query.num_queries
+  assert big_m >= 8
+  for m in (1, 3, 4, 7, big_m):
+    n = sampler.bucket([m])
+    assert n >= m and (n == 1 or n // 2 < m)
+    full = np.asarray(nll(model, state["params"], batch, m, None))
+    bucketed = np.asarray(nll(model, state["params"], batch, m, n))
+    assert np.all(full > 0), full  # Every row holds labelled tokens.
+    np.testing.assert_allclose(bucketed, full, rtol=2e-6, atol=1e-5)
+  # The whole step (loss, gradients, AdamW update) agrees as well.
+  bucketed = make_train_step(model, tx, labels, 1, num_latents=4)
+  ms = np.array([3], np.int32)
+  s1, o1 = jax.jit(step)(state, batch, ms)
+  s2, o2 = jax.jit(bucketed)(state, batch, ms)
+  assert abs(float(o1["loss"]) - float(o2["loss"])) < 1e-5
+  assert int(o1["tokens"]) == int(o2["tokens"])
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                       s1["params"], s2["params"]))
+  assert max(diffs) < 1e-5
+
+
+def test_bucketed_training_compiles_once_per_bucket_it_reaches():
+  config, cfg, model, tx, labels, _ = _setup(config_lib.STAGE2_RULES)
+  state = _state(model, cfg, tx, labels)
+  big_m = cfg.query.num_queries
+  sampler = matryoshka.MSampler("uniform", big_m, seed=3, buckets=(2, 4))
+  assert sampler.buckets == (2, 4, big_m) and sampler.reachable_buckets() == (2, 4, big_m)
+  steps = {n: jax.jit(make_train_step(model, tx, labels, 1, num_latents=n), donate_argnums=(0,))
+           for n in sampler.buckets}
+  batch = _batch(cfg)
+  used = []
+  with count_compiles() as compiles:
+    for i in range(12):
+      ms = sampler.sample(i)
+      used.append(sampler.bucket(ms))
+      state, out = steps[used[-1]](state, batch, ms)
+  assert compiles() == len(set(used)) <= 3 and len(set(used)) >= 2, used
+  assert np.isfinite(float(out["loss"]))
+
+
+def test_bucket_sizes_are_checked_and_official_m_skips_bucket_one():
+  assert matryoshka.pow2_buckets(16) == (1, 2, 4, 8, 16)
+  assert matryoshka.pow2_buckets(24, smallest=4) == (4, 8, 16, 24)
+  s = matryoshka.MSampler("official", 16, buckets=(1, 2, 4, 8))
+  assert s.reachable_buckets() == (2, 4, 8, 16)  # Official m is even: bucket 1 is unused.
+  assert matryoshka.MSampler("fixed", 16, m=3, buckets=(4,)).reachable_buckets() == (4,)
+  assert matryoshka.MSampler("list", 16, ms=(1, 5), buckets=(4, 8)).bucket([1, 5]) == 8
+  with pytest.raises(ValueError, match=r"bucket size 20 is out of range: .* 1\.\.M=16"):
+    matryoshka.MSampler("uniform", 16, buckets=(4, 20))
+  config = tiny.get_config()
+  cfg = ModelConfig.from_config(config.model)
+  with config.unlocked():
+    config.stage2.matryoshka.buckets = (0, 8)
+  with pytest.raises(ValueError, match=r"--config\.stage2\.matryoshka\.buckets=\(0, 8\): "
+                                       r"bucket size 0"):
+    train.stage_sampler(config, "stage2", config.stage2, cfg)
