@@ -58,8 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every = 10
   config.init.kind = "hf"  # Stage 1 starts from CLIP-L/336 and Vicuna-7B v1.5.
   # Both stages accumulate gradients over 2 micro-batches (the global batch is the
-  # paper's): `train.py --dry_run` on CPU devices gives a peak per device of 8.6 GiB
-  # (stage 1, 64 devices) and 43 GiB (stage 2, 8 devices); 13 and 63 GiB without.
+  # paper's): `train.py --dry_run` on CPU devices gives a peak per device of 7.7 GiB
+  # (stage 1, 64 devices) and 41 GiB (stage 2, 8 devices, the largest m bucket); 11
+  # and 58 GiB without.
   # Stage 1: LCS-558K captions, m = M, only the query transformer, lr 1e-3, batch 256, 1 epoch.
   config.stage1 = config_lib.stage_block(
       steps=2180, lr=1e-3, rules=config_lib.STAGE1_RULES, matryoshka_kind="fixed", m=256,
