@@ -473,7 +473,7 @@ _LLAVA_QUERY = "model.query_abstractor."
 
 
 def import_mqt_llava(path, cfg: ModelConfig, clip_path=None, *, param_dtype=None,
-                     shardings=None):
+                     shardings=None, components=None):
   """HF-format MQT-LLaVA checkpoint -> full params {"vision", "query", "llm"}: jax arrays
   of `param_dtype` placed with `shardings` (see above).
 
@@ -481,7 +481,8 @@ def import_mqt_llava(path, cfg: ModelConfig, clip_path=None, *, param_dtype=None
   `clip_path` (LLaVA releases often leave CLIP out); giving `clip_path` for a
   checkpoint that holds the tower is an error (it would not be used). The
   architecture must match `cfg`: `model_config_for_checkpoint` reads it from the
-  checkpoint.
+  checkpoint. `components` (e.g. ("vision", "query")): every tensor is still checked
+  against the layout, but only those subtrees are read.
   """
   if cfg.query.variant != "official":
     raise CheckpointError(f"{path}: MQT-LLaVA checkpoints hold the official query "
@@ -507,6 +508,8 @@ def import_mqt_llava(path, cfg: ModelConfig, clip_path=None, *, param_dtype=None
     raise CheckpointError(f"{source.name} holds no vision tower "
                           f"({_LLAVA_CLIP}*); pass the CLIP checkpoint as clip_path")
   reader.check_all_used()
+  if components is not None:
+    plans = {k: v for k, v in plans.items() if k in components}
   dtypes = {k: param_dtype or _component_dtype(cfg, k) for k in plans}
   for dt in set(dtypes.values()):
     _check_plans([(p, sh.get(k)) for k, (_, p) in plans.items() if dtypes[k] == dt], dt,

@@ -40,8 +40,10 @@ def default_checkpoint(config, workdir: str) -> str:
   return paths_lib.join(workdir, f"stage{stages[-1] if stages else 2}", "checkpoints")
 
 
-def resolve_paths(config, workdir: str, checkpoint: str = "") -> tuple[str, str]:
-  """-> (checkpoint folder or "hf", tokenizer path); a ValueError lists every problem."""
+def resolve_paths(config, workdir: str, checkpoint: str = "", need_tokenizer: bool = True
+                  ) -> tuple[str, str]:
+  """-> (checkpoint folder or "hf", tokenizer path); a ValueError lists every problem.
+  need_tokenizer=False: the tokenizer is neither checked nor needed."""
   problems = []
   checkpoint = checkpoint or default_checkpoint(config, workdir)
   if checkpoint == "hf":
@@ -50,7 +52,9 @@ def resolve_paths(config, workdir: str, checkpoint: str = "") -> tuple[str, str]
     problems.append(f"checkpoint folder {checkpoint} does not exist (train first with "
                     f"python train.py --workdir=..., or pass --checkpoint=DIR or =hf)")
   tok = train.tokenizer_path(config, config.eval.data, workdir)
-  if config.tokenizer_path or config.eval.data.kind != "builtin":
+  if not need_tokenizer:
+    pass
+  elif config.tokenizer_path or config.eval.data.kind != "builtin":
     problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
                                        train.TOKENIZER_WHAT))
   elif not paths_lib.isfile(tok):
@@ -67,7 +71,7 @@ class Loaded:
   model_cfg: ModelConfig
   model: MQTLLaVA
   params: object
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer | None  # None when loaded without the LLM.
   mesh: object
   checkpoint: str
   template: str = "vicuna_v1"  # The prompt template (config.eval.data.template).
@@ -85,14 +89,17 @@ def _mesh_and_rules(mesh, rules):
   return stack
 
 
-def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | None = None
-         ) -> Loaded:
+def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | None = None,
+         components=None) -> Loaded:
   """Parameters (sharded over the config's mesh) and tokenizer, paths checked first.
-  model_cfg: the architecture when the caller has it (`model_config`)."""
-  checkpoint, tok_path = resolve_paths(config, workdir, checkpoint)
+  model_cfg: the architecture when the caller has it (`model_config`). components (e.g.
+  ("vision", "query")): only those parameter subtrees are read; without "llm" no
+  tokenizer is loaded (Loaded.tokenizer is None)."""
+  with_llm = components is None or "llm" in components
+  checkpoint, tok_path = resolve_paths(config, workdir, checkpoint, need_tokenizer=with_llm)
   model_cfg = model_cfg or model_config(config, checkpoint)
-  tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
-  if tokenizer.vocab_size > model_cfg.llm.vocab_size:
+  tokenizer = tokenizer_lib.Tokenizer.load(tok_path) if with_llm else None
+  if tokenizer is not None and tokenizer.vocab_size > model_cfg.llm.vocab_size:
     raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model's "
                      f"vocabulary is {model_cfg.llm.vocab_size}")
   mesh = shard_lib.make_mesh(config.sharding.mesh)
@@ -103,9 +110,9 @@ def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | No
       shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh, rules)
       hf = config.copy_and_resolve_references()
       hf.init.kind = "hf"
-      params = train.fresh_params(hf, model_cfg, model, shardings)
+      params = train.fresh_params(hf, model_cfg, model, shardings, components)
     else:
-      params = train.load_params(checkpoint, model_cfg, mesh, config)
+      params = train.load_params(checkpoint, model_cfg, mesh, config, components)
   return Loaded(model_cfg, model, params, tokenizer, mesh, checkpoint,
                 config.eval.data.template, rules)
 
@@ -348,7 +355,8 @@ def check_serving_memory(plan: dict, device_limit_bytes: int | None = None) -> N
                       f"{fmt(device_limit_bytes)} of a device; stopping before loading weights")
 
 
-def load_problems(found, config, workdir: str, checkpoint: str, skip=()) -> None:
+def load_problems(found, config, workdir: str, checkpoint: str, skip=(),
+                  need_tokenizer: bool = True) -> None:
   """What would stop `load` (evaluate.py, predict.py), into `found` (a cli.Problems)
   before any weight is read: the data kinds, the config (`validate.config_problems`,
   less the fields under `skip`), the paths, and a checkpoint of another model."""
@@ -358,7 +366,7 @@ def load_problems(found, config, workdir: str, checkpoint: str, skip=()) -> None
   found.check(config_lib.infer_data_kinds, config, cli.user_settings())
   config_found = validate.config_problems(config, skip=skip)
   found.add(config_found)
-  paths = found.check(resolve_paths, config, workdir, checkpoint)
+  paths = found.check(resolve_paths, config, workdir, checkpoint, need_tokenizer)
   if paths and paths[0] != "hf" and not config_found:
     found.check(lambda: found.add(validate.model_checkpoint_problems(
         paths[0], model_config(config, paths[0]), dtypes=cli.PARAM_DTYPE.value is None)))

@@ -264,29 +264,32 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(config.model)
 
 
-def fresh_params(config, model_cfg, model, shardings):
+def fresh_params(config, model_cfg, model, shardings, components=None):
   """Fresh parameters, created directly sharded (random or imported HF weights).
 
   HF weights stream from the files into their shardings in `model_cfg`'s param_dtype
   (`--param_dtype`), after a check (CPU backend) that the tree fits host memory. From
   CLIP + LLaMA (stage 1) only the query transformer is random: the jitted init
-  computes no other leaf."""
+  computes no other leaf. `components` (HF weights only, e.g. ("vision", "query")): only
+  those subtrees are read."""
   init = config.init
   if init.kind == "random":
     return _random_params(config.seed, model_cfg, model, shardings)
   if init.kind == "hf":
     if not (init.mqt_llava or (init.clip and init.llm)):
       raise ValueError("config.init.kind='hf' needs init.mqt_llava, or init.clip and init.llm")
-    convert.check_host_memory(model_cfg, shardings=shardings,
-                              what=f"the parameters of {init.mqt_llava or init.llm}")
+    if components is None or "llm" in components:  # Else the import checks its parts.
+      convert.check_host_memory(model_cfg, shardings=shardings,
+                                what=f"the parameters of {init.mqt_llava or init.llm}")
     if init.mqt_llava:
       return convert.import_mqt_llava(init.mqt_llava, model_cfg, clip_path=init.clip or None,
-                                      shardings=shardings)
+                                      shardings=shardings, components=components)
     params = _random_params(config.seed, model_cfg, model, shardings, only="^query/")
     params["vision"] = convert.import_clip_vision(init.clip, model_cfg.vision,
                                                   shardings=shardings["vision"])
-    params["llm"] = convert.import_llama(init.llm, model_cfg.llm, shardings=shardings["llm"])
-    return params
+    if components is None or "llm" in components:
+      params["llm"] = convert.import_llama(init.llm, model_cfg.llm, shardings=shardings["llm"])
+    return {k: v for k, v in params.items() if components is None or k in components}
   if init.kind == "checkpoint":
     raise ValueError("config.init.kind='checkpoint' takes the parameters of the first stage's "
                      "init_from; set --config.stage<N>.init_from")
@@ -979,13 +982,16 @@ def eval_skip_reason(config) -> str | None:
           f"evaluate on held-out data")
 
 
-def load_params(directory: str, model_cfg: ModelConfig, mesh, config):
-  """Parameters from the latest checkpoint of another run or stage."""
+def load_params(directory: str, model_cfg: ModelConfig, mesh, config, components=None):
+  """Parameters from the latest checkpoint of another run or stage; `components` (e.g.
+  ("vision", "query")): only those subtrees are read."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   if not paths.isdir(directory):
     raise ValueError(f"init_from checkpoint directory {directory} does not exist")
   target = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
                                       tuple(config.sharding.logical_axis_rules))
+  if components is not None:
+    target = {k: target[k] for k in components}
   manager = ocp.CheckpointManager(paths.absolute(directory))
   step = manager.latest_step()
   if step is None:

@@ -498,3 +498,29 @@ def test_plot_writes_both_files_with_or_without_baselines(tmp_path):
   for p in paths:
     with Image.open(p) as img:
       assert img.format == "PNG" and img.size[0] > 600
+
+
+def test_maps_command_reads_only_the_tower_and_query_transformer(trained, tmp_path):
+  config, workdir = trained
+  loaded = inference.load(config, workdir, components=("vision", "query"))
+  assert set(loaded.params) == {"vision", "query"} and loaded.tokenizer is None
+  image = tmp_path / "img.png"
+  pixels = np.zeros((40, 30, 3), np.uint8)
+  pixels[5:20, 5:20] = (220, 30, 30)
+  Image.fromarray(pixels).save(image)
+  common = ["maps.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={config.data.data_dir}", "--config.run_stages=1",
+            f"--image={image}"]
+  out = tmp_path / "maps.png"
+  bad = subprocess.run([sys.executable, *common, "--ms=0,12", f"--out={tmp_path}/no/m.png"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2, bad.stderr
+  for line in ("--ms=0,12: m=0 is out of range", "--ms=0,12: m=12 is out of range",
+               f"--out={tmp_path}/no/m.png: the folder {tmp_path}/no does not exist"):
+    assert line in bad.stderr, bad.stderr
+  ok = subprocess.run([sys.executable, *common, "--ms=1,4", f"--out={out}"], cwd=ROOT,
+                      capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr
+  assert f"wrote {out}: 2 rows (m = 1, 4), 5 maps over a 3x3 patch grid" in ok.stdout
+  with Image.open(out) as png:
+    assert png.format == "PNG" and png.size[0] > png.size[1]

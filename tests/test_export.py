@@ -356,3 +356,11 @@ def test_cli_reexports_hf_weights(hf_checkpoint, tmp_path):
   assert export.compare(path, str(out))["problems"] == []
   assert {"tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(out))
   assert json.load(open(out / "config.json"))["mm_num_queries"] == M
+
+
+def test_importing_some_components_reads_those_subtrees_only(hf_checkpoint):
+  path, cfg, _ = hf_checkpoint
+  full = convert.import_mqt_llava(path, cfg)
+  part = convert.import_mqt_llava(path, cfg, components=("vision", "query"))
+  assert sorted(part) == ["query", "vision"]
+  _assert_trees_equal({k: full[k] for k in part}, part)

@@ -1,0 +1,81 @@
+r"""Maps of what each visual token draws on, for one image at chosen m (a PNG grid).
+
+  python maps.py --config=configs/tiny.py --workdir=/tmp/mqt_tiny --image=photo.png \
+      --ms=1,4,9 --out=maps.png
+
+One row per m: the image, then one heatmap per visual token over it (Grad-CAM
+style over the vision tower's patches, `mqt/maps.py`). Only the vision tower and
+the query transformer are read from the checkpoint (the last stage of --workdir,
+another --checkpoint folder, or --checkpoint=hf for the config's HF weights,
+such as the released MQT-LLaVA-7B layout). Every problem of the command line,
+the config and the paths is named at once before any weight is read (exit
+status 2).
+"""
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from data import images as images_lib
+from mqt import cli
+from mqt import inference
+from mqt import maps
+from mqt import matryoshka
+from mqt import paths
+from mqt import validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Orbax checkpoints folder, or 'hf' "
+                                  "(default: the last stage of --workdir).")
+_IMAGE = flags.DEFINE_string("image", None, "The image file.")
+_MS = flags.DEFINE_list("ms", None, "Values of m, one row of maps each (1 <= m <= M).")
+_OUT = flags.DEFINE_string("out", "maps.png", "The PNG to write (local path).")
+flags.mark_flags_as_required(["config", "workdir", "image", "ms"])
+
+
+def command_line_problems(config) -> list[str]:
+  big_m = None if _CHECKPOINT.value == "hf" else validate.num_queries(config)
+  problems = []
+  ms = []
+  for text in _MS.value:
+    try:
+      ms.append(int(text))
+    except ValueError:
+      problems.append(f"--ms={','.join(_MS.value)}: {text!r} is not an integer")
+  problems += validate.ms_problems(f"--ms={','.join(_MS.value)}", ms, big_m)
+  if not paths.isfile(_IMAGE.value):
+    problems.append(f"image {_IMAGE.value} does not exist")
+  folder = paths.dirname(paths.absolute(_OUT.value))
+  if paths.is_uri(_OUT.value) or not paths.isdir(folder):
+    problems.append(f"--out={_OUT.value}: the folder {folder} does not exist on local disk")
+  return problems
+
+
+def main(argv):
+  cli.start(argv)
+  config = cli.apply_param_dtype(_CONFIG.value)
+  found = cli.Problems()
+  found.add(command_line_problems(config))
+  skip = ("eval.ms",) + (("stage",) if _CHECKPOINT.value == "hf" else ())
+  inference.load_problems(found, config, _WORKDIR.value, _CHECKPOINT.value, skip=skip,
+                          need_tokenizer=False)
+  found.raise_if_any()
+  inference.check_images([_IMAGE.value])
+  loaded = inference.load(config, _WORKDIR.value, _CHECKPOINT.value,
+                          components=("vision", "query"))
+  cfg = loaded.model_cfg
+  # M of HF weights is known once their config is read: check the m's against it.
+  ms = sorted({matryoshka.validate_m(int(m), cfg.query.num_queries) for m in _MS.value})
+  image = inference.load_images([_IMAGE.value], cfg.vision.image_size)
+  with loaded.context():
+    by_m = {m: maps.latent_maps(cfg, loaded.params, image, m)[0] for m in ms}
+  shown = np.clip(image[0] * np.asarray(images_lib.CLIP_STD) + np.asarray(images_lib.CLIP_MEAN),
+                  0, 1)
+  maps.save_grid(_OUT.value, shown, by_m)
+  print(f"wrote {_OUT.value}: {len(ms)} rows (m = {', '.join(map(str, ms))}), "
+        f"{sum(ms)} maps over a {by_m[ms[0]].shape[-1]}x{by_m[ms[0]].shape[-1]} patch grid")
+
+
+if __name__ == "__main__":
+  cli.run(main)
