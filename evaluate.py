@@ -18,7 +18,6 @@ accuracy_vs_flops.png under --out_dir (default <workdir>/eval).
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from mqt import cli
 from mqt import evaluate
@@ -27,18 +26,13 @@ from mqt import paths
 from mqt import train
 from mqt import validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (checkpoints, data).")
+_CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
 _MS = flags.DEFINE_list("ms", None, "Visual token counts to evaluate, e.g. 1,2,4,8,16 "
                         "(default: config.eval.ms). Each must satisfy 1 <= m <= M.")
 _BENCHMARKS = flags.DEFINE_list("benchmarks", ["builtin"],
                                 "builtin (synthetic, pope, scienceqa, vqav2, gqa on the built-in "
                                 "data) and/or pope, scienceqa, mme, gqa, vqav2, textvqa, vizwiz, "
                                 "mmbench with paths in config.eval.benchmarks.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "An orbax checkpoints folder, or 'hf' to "
-                                  "import config.init's HF weights (default: the last stage "
-                                  "of --workdir).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where results go (default <workdir>/eval).")
 _LIMIT = flags.DEFINE_integer("limit", 0, "At most this many questions per benchmark (0: all).")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -13,7 +13,6 @@ status 2).
 """
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from data import images as images_lib
 from mqt import cli
@@ -23,40 +22,33 @@ from mqt import matryoshka
 from mqt import paths
 from mqt import validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Orbax checkpoints folder, or 'hf' "
-                                  "(default: the last stage of --workdir).")
+_CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
 _IMAGE = flags.DEFINE_string("image", None, "The image file.")
 _MS = flags.DEFINE_list("ms", None, "Values of m, one row of maps each (1 <= m <= M).")
 _OUT = flags.DEFINE_string("out", "maps.png", "The PNG to write (local path).")
 flags.mark_flags_as_required(["config", "workdir", "image", "ms"])
 
 
-def command_line_problems(config) -> list[str]:
+def command_line_problems(config, found: cli.Problems) -> list[int]:
+  """--ms (integers, each 1 <= m <= M; M known later for --checkpoint=hf), --image and
+  --out; problems go to `found`. -> the m values."""
   big_m = None if _CHECKPOINT.value == "hf" else validate.num_queries(config)
-  problems = []
-  ms = []
-  for text in _MS.value:
-    try:
-      ms.append(int(text))
-    except ValueError:
-      problems.append(f"--ms={','.join(_MS.value)}: {text!r} is not an integer")
-  problems += validate.ms_problems(f"--ms={','.join(_MS.value)}", ms, big_m)
+  ms, bad = cli.int_list("ms", _MS.value)
+  found.add(bad)
+  found.add(validate.ms_problems(f"--ms={','.join(_MS.value)}", ms, big_m))
   if not paths.isfile(_IMAGE.value):
-    problems.append(f"image {_IMAGE.value} does not exist")
+    found.add(f"image {_IMAGE.value} does not exist")
   folder = paths.dirname(paths.absolute(_OUT.value))
   if paths.is_uri(_OUT.value) or not paths.isdir(folder):
-    problems.append(f"--out={_OUT.value}: the folder {folder} does not exist on local disk")
-  return problems
+    found.add(f"--out={_OUT.value}: the folder {folder} does not exist on local disk")
+  return ms
 
 
 def main(argv):
   cli.start(argv)
   config = cli.apply_param_dtype(_CONFIG.value)
   found = cli.Problems()
-  found.add(command_line_problems(config))
+  ms = command_line_problems(config, found)
   skip = ("eval.ms",) + (("stage",) if _CHECKPOINT.value == "hf" else ())
   inference.load_problems(found, config, _WORKDIR.value, _CHECKPOINT.value, skip=skip,
                           need_tokenizer=False)
@@ -66,7 +58,7 @@ def main(argv):
                           components=("vision", "query"))
   cfg = loaded.model_cfg
   # M of HF weights is known once their config is read: check the m's against it.
-  ms = sorted({matryoshka.validate_m(int(m), cfg.query.num_queries) for m in _MS.value})
+  ms = sorted({matryoshka.validate_m(m, cfg.query.num_queries) for m in ms})
   image = inference.load_images([_IMAGE.value], cfg.vision.image_size)
   with loaded.context():
     by_m = {m: maps.latent_maps(cfg, loaded.params, image, m)[0] for m in ms}

@@ -14,7 +14,6 @@ needs is printed before any weight is read; a run that cannot fit stops there.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from mqt import cli
 from mqt import inference
@@ -22,11 +21,7 @@ from mqt import matryoshka
 from mqt import paths
 from mqt import validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Orbax checkpoints folder, or 'hf' "
-                                  "(default: the last stage of --workdir).")
+_CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
 _IMAGES = flags.DEFINE_multi_string("image", None, "Image file(s).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The question.")
 _M = flags.DEFINE_integer("m", None, "Visual tokens per image, 1 <= m <= M.")

@@ -282,6 +282,20 @@ def apply_param_dtype(config):
   return config
 
 
+def define_model_flags():
+  """--config, --workdir and --checkpoint of the commands that load a trained model
+  (evaluate.py, predict.py, maps.py); call once, at import of the command.
+  -> their flag holders (config, workdir, checkpoint)."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config = config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file (get_config(arg)).",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "The training workdir (checkpoints, data).")
+  checkpoint = flags.DEFINE_string("checkpoint", "", "An orbax checkpoints folder, or 'hf' to "
+                                   "import config.init's HF weights (default: the last stage "
+                                   "of --workdir).")
+  return config, workdir, checkpoint
+
+
 def user_settings() -> set[str]:
   """The config fields set on the command line (`--config.model.llm.depth=40` ->
   "model.llm.depth"); empty where no --config flag was parsed."""

@@ -52,14 +52,13 @@ def resolve_paths(config, workdir: str, checkpoint: str = "", need_tokenizer: bo
     problems.append(f"checkpoint folder {checkpoint} does not exist (train first with "
                     f"python train.py --workdir=..., or pass --checkpoint=DIR or =hf)")
   tok = train.tokenizer_path(config, config.eval.data, workdir)
-  if not need_tokenizer:
-    pass
-  elif config.tokenizer_path or config.eval.data.kind != "builtin":
-    problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
-                                       train.TOKENIZER_WHAT))
-  elif not paths_lib.isfile(tok):
-    problems.append(f"the built-in tokenizer {tok} does not exist (train.py writes it; or set "
-                    f"--config.tokenizer_path)")
+  if need_tokenizer:
+    if config.tokenizer_path or config.eval.data.kind != "builtin":
+      problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
+                                         train.TOKENIZER_WHAT))
+    elif not paths_lib.isfile(tok):
+      problems.append(f"the built-in tokenizer {tok} does not exist (train.py writes it; or "
+                      f"set --config.tokenizer_path)")
   problems = [p for p in problems if p]
   if problems:
     raise ValueError("cannot load the model:\n  " + "\n  ".join(problems))

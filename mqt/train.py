@@ -273,12 +273,13 @@ def fresh_params(config, model_cfg, model, shardings, components=None):
   computes no other leaf. `components` (HF weights only, e.g. ("vision", "query")): only
   those subtrees are read."""
   init = config.init
+  wanted = lambda part: components is None or part in components
   if init.kind == "random":
     return _random_params(config.seed, model_cfg, model, shardings)
   if init.kind == "hf":
     if not (init.mqt_llava or (init.clip and init.llm)):
       raise ValueError("config.init.kind='hf' needs init.mqt_llava, or init.clip and init.llm")
-    if components is None or "llm" in components:  # Else the import checks its parts.
+    if wanted("llm"):  # Else the import checks the parts it reads.
       convert.check_host_memory(model_cfg, shardings=shardings,
                                 what=f"the parameters of {init.mqt_llava or init.llm}")
     if init.mqt_llava:
@@ -287,9 +288,9 @@ def fresh_params(config, model_cfg, model, shardings, components=None):
     params = _random_params(config.seed, model_cfg, model, shardings, only="^query/")
     params["vision"] = convert.import_clip_vision(init.clip, model_cfg.vision,
                                                   shardings=shardings["vision"])
-    if components is None or "llm" in components:
+    if wanted("llm"):
       params["llm"] = convert.import_llama(init.llm, model_cfg.llm, shardings=shardings["llm"])
-    return {k: v for k, v in params.items() if components is None or k in components}
+    return {k: v for k, v in params.items() if wanted(k)}
   if init.kind == "checkpoint":
     raise ValueError("config.init.kind='checkpoint' takes the parameters of the first stage's "
                      "init_from; set --config.stage<N>.init_from")
@@ -386,15 +387,17 @@ class StagePlan:
 def stage_sampler(config, name: str, stage_cfg, model_cfg: ModelConfig) -> matryoshka.MSampler:
   """The stage's m distribution; an m above M is a ValueError naming the config field."""
   mcfg = stage_cfg.matryoshka
+  big_m = model_cfg.query.num_queries
   try:
-    return matryoshka.MSampler(mcfg.kind, model_cfg.query.num_queries,
-                               seed=config.seed + 1000 * int(name[-1]), m=mcfg.m,
-                               ms=tuple(mcfg.ms), buckets=tuple(mcfg.buckets))
+    buckets = matryoshka.bucket_sizes(tuple(mcfg.buckets), big_m)
+  except ValueError as e:
+    raise ValueError(f"--config.{name}.matryoshka.buckets={tuple(mcfg.buckets)}: {e}") from None
+  try:
+    return matryoshka.MSampler(mcfg.kind, big_m, seed=config.seed + 1000 * int(name[-1]),
+                               m=mcfg.m, ms=tuple(mcfg.ms), buckets=buckets)
   except ValueError as e:
     field = {"fixed": f"m={mcfg.m}", "list": f"ms={tuple(mcfg.ms)}"}.get(mcfg.kind,
                                                                         f"kind={mcfg.kind!r}")
-    if "bucket" in str(e):
-      field = f"buckets={tuple(mcfg.buckets)}"
     raise ValueError(f"--config.{name}.matryoshka.{field}: {e}") from None
 
 
