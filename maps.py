@@ -7,7 +7,11 @@ One row per m: the image, then one heatmap per visual token over it (Grad-CAM
 style over the vision tower's patches, `mqt/maps.py`). Only the vision tower and
 the query transformer are read from the checkpoint (the last stage of --workdir,
 another --checkpoint folder, or --checkpoint=hf for the config's HF weights,
-such as the released MQT-LLaVA-7B layout). Every problem of the command line,
+such as the released MQT-LLaVA-7B layout). Where the query transformer's
+attention depends on the image (the perceiver variant's content keys;
+--attention=auto), a second grid of its attention weights goes beside --out
+(`<out>_attention.png`); the released position-only keys give every image the
+same attention, so only the gradient maps say anything there. Every problem of the command line,
 the config and the paths is named at once before any weight is read (exit
 status 2).
 """
@@ -26,6 +30,9 @@ _CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
 _IMAGE = flags.DEFINE_string("image", None, "The image file.")
 _MS = flags.DEFINE_list("ms", None, "Values of m, one row of maps each (1 <= m <= M).")
 _OUT = flags.DEFINE_string("out", "maps.png", "The PNG to write (local path).")
+_ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "always", "never"],
+                               "Also write the attention-weight grid: auto = where the "
+                               "variant's attention depends on the image (perceiver).")
 flags.mark_flags_as_required(["config", "workdir", "image", "ms"])
 
 
@@ -60,13 +67,28 @@ def main(argv):
   # M of HF weights is known once their config is read: check the m's against it.
   ms = sorted({matryoshka.validate_m(m, cfg.query.num_queries) for m in ms})
   image = inference.load_images([_IMAGE.value], cfg.vision.image_size)
+  attention = _ATTENTION.value == "always" or (_ATTENTION.value == "auto"
+                                               and cfg.query.variant == "perceiver")
   with loaded.context():
     by_m = {m: maps.latent_maps(cfg, loaded.params, image, m)[0] for m in ms}
+    att = {m: maps.attention_maps(cfg, loaded.params, image, m)[0] for m in ms} \
+        if attention else None
   shown = np.clip(image[0] * np.asarray(images_lib.CLIP_STD) + np.asarray(images_lib.CLIP_MEAN),
                   0, 1)
   maps.save_grid(_OUT.value, shown, by_m)
+  g = by_m[ms[0]].shape[-1]
   print(f"wrote {_OUT.value}: {len(ms)} rows (m = {', '.join(map(str, ms))}), "
-        f"{sum(ms)} maps over a {by_m[ms[0]].shape[-1]}x{by_m[ms[0]].shape[-1]} patch grid")
+        f"{sum(ms)} gradient maps over a {g}x{g} patch grid")
+  if att is not None:
+    path = attention_path(_OUT.value)
+    maps.save_grid(path, shown, att)
+    print(f"wrote {path}: the query transformer's attention weights, same rows")
+
+
+def attention_path(out: str) -> str:
+  """maps.png -> maps_attention.png."""
+  stem, ext = (out[:-4], out[-4:]) if out.lower().endswith(".png") else (out, ".png")
+  return f"{stem}_attention{ext}"
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def train_command(name: str, overrides, root: str, config: str, shared=()) -> li
 
 
 def summarize(summary: dict) -> dict:
-  """{type: (accuracy at the largest m, at the smallest m)} plus the two m."""
+  """{type: (accuracy at the largest m, at the smallest m)} plus the two m; {} for a run
+  without an evaluation."""
+  if "accuracy" not in summary.get("eval", {}):
+    return {}
   acc = summary["eval"]["accuracy"]
   ms = sorted(int(m) for m in summary["eval"]["ms"])
   hi, lo = str(ms[-1]), str(ms[0])

@@ -38,6 +38,11 @@ Question types need increasing amounts of visual detail:
   choice     ScienceQA-style multiple choice (3 or 4 options) -> a letter
   position   "Is the <c> <s> to the left or right of the <c2> <s2>?" (or
              above/below)                                    -> the relation
+Two more need the whole image rather than one object, so that a single visual
+token summarising the image can answer them:
+  any        "Is there anything <colour> in the image?"      -> "yes"/"no"
+  most       "Which color is most common in the image?" (a unique most
+             frequent colour)                                -> a colour
 In `instruct`, colour/count/position/exist questions get the short-answer
 suffix half of the time (evaluation code appends it, as LLaVA's does);
 `eval` asks them bare. Count answers are numerals.
@@ -68,7 +73,9 @@ from PIL import Image, ImageDraw
 TOKENIZER_VOCAB = 512  # SentencePiece vocabulary size for this data's text.
 # Bumped whenever the generator's output changes: a data_dir prepared by another
 # version is refused (data.prepare.check_settings) instead of silently reused.
-DATA_VERSION = 3  # 2: 1-4 questions per image, centred objects; 3: outlines, caption order.
+# 2: 1-4 questions per image, centred objects; 3: outlines, caption order; 4: whole-image
+# questions (any, most).
+DATA_VERSION = 4
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOR_RGB = {
@@ -108,7 +115,7 @@ COMBO_RANK = tuple(sorted(
                             * SHAPE_WEIGHTS[SHAPES.index(cs[1])], COMBOS.index(cs))))
 POPULAR_TOP = 3  # A popular negative is one of the 3 most frequent absent combos.
 
-IMAGE_TYPES = ("colour", "count", "position", "exist", "choice", "short")
+IMAGE_TYPES = ("colour", "count", "position", "exist", "choice", "short", "any", "most")
 NEG_KINDS = ("random", "popular", "adversarial")
 TEXT_FRACTION = 0.06  # Text-only instruct samples; the rest are about an image.
 # Questions per image conversation (as LLaVA's VQAv2 data groups an image's
@@ -389,6 +396,26 @@ def _ask_exist(scene: Scene, rng, label: str | None = None, neg_kind: str | None
           "label": label, "neg_kind": neg_kind, "object": " ".join(combo)}
 
 
+def _ask_any(scene: Scene, rng, label: str | None = None):
+  """Is any object of a colour? Negatives draw uniformly from the absent colours."""
+  present = {o.color for o in scene.objects}
+  label = label or ("yes" if rng.random() < 0.5 else "no")
+  pool = sorted(present, key=COLORS.index) if label == "yes" else \
+      [c for c in COLORS if c not in present]
+  color = _choose(rng, pool)
+  return {"question": f"Is there anything {color} in the image?", "answer": label,
+          "subtype": "color", "label": label}
+
+
+def _ask_most(scene: Scene, rng):
+  """The most frequent colour; None when two colours tie for it."""
+  counts = collections.Counter(o.color for o in scene.objects).most_common()
+  if len(counts) > 1 and counts[0][1] == counts[1][1]:
+    return None
+  return {"question": "Which color is most common in the image?", "answer": counts[0][0],
+          "subtype": "color"}
+
+
 def _choice_parts(scene: Scene, rng, n: int):
   """-> (subtype, question, correct option, distractor pool) candidates."""
   objs = scene.objects
@@ -454,17 +481,18 @@ def _ask_short(scene: Scene, rng):
 
 
 _ASK = {"colour": _ask_colour, "count": _ask_count, "position": _ask_position,
-        "exist": _ask_exist, "choice": _ask_choice, "short": _ask_short}
+        "exist": _ask_exist, "choice": _ask_choice, "short": _ask_short, "any": _ask_any,
+        "most": _ask_most}
 
 
 def n_answers(rec: dict) -> int:
   """How many answers the record's question form allows (uniform-guess chance = 1/n)."""
   t, sub = rec["type"], rec.get("subtype")
-  if t == "colour":
+  if t in ("colour", "most"):
     return len(COLORS)
   if t == "count":
     return MAX_OBJECTS if sub == "all" else MAX_OBJECTS + 1
-  if t in ("position", "exist"):
+  if t in ("position", "exist", "any"):
     return 2
   if t == "choice":
     return rec["n_options"]
@@ -558,7 +586,7 @@ def _text_only(rid: str, rng) -> dict:
 
 
 _TURN_CUM = list(np.cumsum([w for _, w in TURN_WEIGHTS]) / sum(w for _, w in TURN_WEIGHTS))
-_BARE_ASKED = ("colour", "count", "position", "exist")  # The suffix is optional for these.
+_BARE_ASKED = ("colour", "count", "position", "exist", "any", "most")  # The suffix is optional for these.
 
 
 def _caption_record(seed, split, index, image_size):
@@ -624,6 +652,7 @@ def _eval_record(seed, split, index, image_size):
   t = IMAGE_TYPES[index % len(IMAGE_TYPES)]
   k = index // len(IMAGE_TYPES)
   kwargs = {"exist": {"label": ("yes", "no")[k % 2], "neg_kind": NEG_KINDS[(k // 2) % 3]},
+            "any": {"label": ("yes", "no")[k % 2]},
             "position": {"orient": ("horizontal", "vertical")[k % 2], "want": (k // 2) % 2},
             "choice": {"slot": k}}
   scene, (q,) = _scene_for(rng, image_size, (t,), kwargs)

@@ -113,6 +113,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Unmasked softmax(q k^T / sqrt(H)) of `attention`, as [B, N, T, S] float32: for
+  pictures of what a query attends to (query transformer maps), not for training."""
+  b, t, n, h = q.shape
+  k = jnp.repeat(k, n // k.shape[2], axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits * np.float32(h ** -0.5), axis=-1)
+
+
 def remat_policy(name: str):
   """Named rematerialization policies for `nn.remat` (config `remat_policy`)."""
   policies = {

@@ -9,6 +9,11 @@ features. A map is the patches that raise that token's output; it does not need
 the query transformer's attention to depend on the image (with the released
 position-only keys it does not).
 
+`attention_maps` gives the query transformer's cross-attention weights instead
+(mean over heads, and over blocks for the perceiver). They depend on the image
+only where the keys carry content (the perceiver variant); with position-only
+keys they are one fixed pattern per token, the same for every image.
+
 Only the vision tower and the query transformer run; `params` needs only their
 subtrees ("vision", "query").
 """
@@ -26,31 +31,63 @@ from mqt.query_transformer import patch_grid
 def latent_maps(cfg: ModelConfig, params, images, m: int) -> np.ndarray:
   """images [B, H, W, C] (CLIP-normalized) -> maps [B, m, g, g] float32 in [0, 1]
   (each map scaled by its own maximum; g x g patches)."""
+  return _run(_gradient, cfg, params, images, m)
+
+
+def attention_maps(cfg: ModelConfig, params, images, m: int) -> np.ndarray:
+  """images [B, H, W, C] -> the query transformer's attention over patches [B, m, g, g]
+  float32, each map scaled by its own maximum."""
+  return _run(_attention, cfg, params, images, m)
+
+
+def _run(fn, cfg: ModelConfig, params, images, m: int) -> np.ndarray:
   validate_m(m, cfg.query.num_queries)
   sub = {k: params[k] for k in ("vision", "query")}
-  return np.asarray(_maps(cfg, sub, jnp.asarray(images), m))
+  return np.asarray(fn(cfg, sub, jnp.asarray(images), m))
+
+
+def _query(model, variables, features, m: int, **kw):
+  return model.apply(variables, features, m, m, method=lambda mdl, x, mm, n: mdl.query(
+      x, mm, num_latents=n), **kw)
+
+
+def _scaled(maps, batch: int, m: int):
+  """[B, m, P] -> [B, m, g, g], each map divided by its maximum."""
+  maps = maps / jnp.maximum(maps.max(axis=-1, keepdims=True), 1e-12)
+  grid = patch_grid(maps.shape[-1])
+  return maps.reshape(batch, m, grid, grid)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _maps(cfg: ModelConfig, params, images, m: int):
+def _gradient(cfg: ModelConfig, params, images, m: int):
   model = MQTLLaVA(cfg)
   variables = {"params": params}
   feats = model.apply(variables, images, method=lambda mdl, x: mdl.vision(x))
   keep_cls = cfg.vision.keep_cls
   patches = feats[:, 1:] if keep_cls else feats
-  grid = patch_grid(patches.shape[1])
 
   def norms(p):  # [B, P, Dv] -> [m, B]: each token's output norm.
     f = jnp.concatenate([feats[:, :1], p], axis=1) if keep_cls else p
-    tokens, _ = model.apply(variables, f, m, m, method=lambda mdl, x, mm, n: mdl.query(
-        x, mm, num_latents=n))
+    tokens, _ = _query(model, variables, f, m)
     return jnp.linalg.norm(tokens, axis=-1).T
 
   grads = jax.jacrev(lambda p: norms(p).sum(axis=1))(patches)  # [m, B, P, Dv]
   weights = grads.mean(axis=2, keepdims=True)  # Per token and channel.
   cam = jax.nn.relu(jnp.sum(weights * patches[None], axis=-1))  # [m, B, P]
-  cam = cam / jnp.maximum(cam.max(axis=-1, keepdims=True), 1e-12)
-  return cam.transpose(1, 0, 2).reshape(images.shape[0], m, grid, grid)
+  return _scaled(cam.transpose(1, 0, 2), images.shape[0], m)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _attention(cfg: ModelConfig, params, images, m: int):
+  model = MQTLLaVA(cfg)
+  variables = {"params": params}
+  feats = model.apply(variables, images, method=lambda mdl, x: mdl.vision(x))
+  _, state = _query(model, variables, feats, m, mutable=["intermediates"])
+  weights = jax.tree.leaves(state["intermediates"])  # Each [B, heads, m, S].
+  att = jnp.mean(jnp.stack([w.mean(axis=1) for w in weights]), axis=0)  # [B, m, S]
+  if cfg.vision.keep_cls:
+    att = att[..., 1:]  # The class token's column.
+  return _scaled(att, images.shape[0], m)
 
 
 def save_grid(path: str, image: np.ndarray, maps_by_m: dict) -> None:

@@ -205,6 +205,8 @@ class OfficialQueryTransformer(nn.Module):
     v = layers.dense(c.width, ("embed", "heads"), use_bias=True, name="v_proj", **kw)(v)
     q = jnp.broadcast_to(_heads(q, c.heads)[None], (b, n, c.heads, c.width // c.heads))
     k = jnp.broadcast_to(_heads(k, c.heads)[None], (b, p, c.heads, c.width // c.heads))
+    if self.is_mutable_collection("intermediates"):  # Asked for by mqt/maps.py only.
+      self.sow("intermediates", "cross_attention", layers.attention_weights(q, k))
     o = layers.attention(q, k, _heads(v, c.heads), mask=None).reshape(b, n, c.width)
     o = layers.dense(c.width, ("heads", "embed"), use_bias=True, name="out_proj", **kw)(o)
     proj = self.param("proj", layers.logical(nn.initializers.normal(c.out_dim ** -0.5),
@@ -226,8 +228,10 @@ class _PerceiverBlock(nn.Module):
     proj = lambda name, names=("embed", "heads"): layers.dense(
         c.width, names, use_bias=True, name=name, **kw)
     h = layers.layer_norm(c.ln_eps, name="ln_cross", **kw)(x)
-    o = layers.attention(_heads(proj("cross_q")(h), c.heads), _heads(proj("cross_k")(kv_k), c.heads),
-                         _heads(proj("cross_v")(kv_v), c.heads), mask=None)
+    q, k = _heads(proj("cross_q")(h), c.heads), _heads(proj("cross_k")(kv_k), c.heads)
+    if self.is_mutable_collection("intermediates"):  # Asked for by mqt/maps.py only.
+      self.sow("intermediates", "cross_attention", layers.attention_weights(q, k))
+    o = layers.attention(q, k, _heads(proj("cross_v")(kv_v), c.heads), mask=None)
     x = x + proj("cross_out", ("heads", "embed"))(o.reshape(x.shape))
     h = layers.layer_norm(c.ln_eps, name="ln_self", **kw)(x)
     o = layers.attention(_heads(proj("self_q")(h), c.heads), _heads(proj("self_k")(h), c.heads),

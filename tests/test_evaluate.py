@@ -518,9 +518,12 @@ def test_maps_command_reads_only_the_tower_and_query_transformer(trained, tmp_pa
   for line in ("--ms=0,12: m=0 is out of range", "--ms=0,12: m=12 is out of range",
                f"--out={tmp_path}/no/m.png: the folder {tmp_path}/no does not exist"):
     assert line in bad.stderr, bad.stderr
-  ok = subprocess.run([sys.executable, *common, "--ms=1,4", f"--out={out}"], cwd=ROOT,
-                      capture_output=True, text=True, timeout=300)
+  ok = subprocess.run([sys.executable, *common, "--ms=1,4", f"--out={out}", "--attention=always"],
+                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr
-  assert f"wrote {out}: 2 rows (m = 1, 4), 5 maps over a 3x3 patch grid" in ok.stdout
-  with Image.open(out) as png:
-    assert png.format == "PNG" and png.size[0] > png.size[1]
+  assert f"wrote {out}: 2 rows (m = 1, 4), 5 gradient maps over a 3x3 patch grid" in ok.stdout
+  att = tmp_path / "maps_attention.png"
+  assert f"wrote {att}: the query transformer's attention weights" in ok.stdout
+  for path in (out, att):
+    with Image.open(path) as png:
+      assert png.format == "PNG" and png.size[0] > png.size[1]

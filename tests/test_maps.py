@@ -37,3 +37,26 @@ def test_maps_have_one_finite_map_per_token_and_follow_the_image(variant, tmp_pa
   maps.save_grid(str(path), image, {m: out[m][0] for m in out})
   with Image.open(path) as png:
     assert png.format == "PNG" and png.size[0] > png.size[1] > 0
+
+
+@pytest.mark.parametrize("variant", ["official", "perceiver"])
+def test_attention_maps_depend_on_the_image_only_with_content_keys(variant):
+  cfg = ModelConfig.from_config(tiny.get_config(f"variant={variant}").model)
+  images, ids, mask = dummy_inputs(cfg)
+  params = jax.jit(lambda: nn.unbox(MQTLLaVA(cfg).init(
+      jax.random.key(1), images, ids, mask, cfg.query.num_queries))["params"])()
+  params = {k: params[k] for k in ("vision", "query")}
+  s = cfg.vision.image_size
+  two = np.random.default_rng(1).normal(size=(2, s, s, 3)).astype(np.float32)
+  grid = s // cfg.vision.patch_size
+  got = maps.attention_maps(cfg, params, two, 4)
+  assert got.shape == (2, 4, grid, grid) and np.all(np.isfinite(got))
+  np.testing.assert_allclose(got.max(axis=(2, 3)), 1, rtol=1e-6)
+  gap = np.abs(got[0] - got[1]).max()
+  if variant == "official":  # Position-only keys: one pattern per token for every image.
+    assert gap < 1e-6
+  else:
+    assert gap > 1e-3
+  # The prefix does not change with m for the official variant (latents are independent).
+  if variant == "official":
+    np.testing.assert_allclose(maps.attention_maps(cfg, params, two, 2), got[:, :2], atol=1e-6)

@@ -95,6 +95,15 @@ def check_answer(scene, qtype, question, answer, rec):
       assert answer == ("left", "center", "right")[_one(scene, **_combo_words(m.group(1))).col]
     else:
       raise AssertionError(stem)
+  elif qtype == "any":
+    m = re.fullmatch(r"Is there anything (\w+) in the image\?(\n.*)?", q, re.S)
+    assert m and m.group(1) in S.COLORS, q
+    assert answer == ("yes" if any(o.color == m.group(1) for o in scene.objects) else "no")
+  elif qtype == "most":
+    assert re.fullmatch(r"Which color is most common in the image\?(\n.*)?", q, re.S), q
+    counts = collections.Counter(o.color for o in scene.objects)
+    top = max(counts.values())
+    assert [c for c, n in counts.items() if n == top] == [answer], (counts, answer)
   else:
     raise AssertionError(qtype)
 
@@ -316,7 +325,7 @@ def test_instruct_conversations_fit_tiny_max_len():
 
 
 def test_eval_answers_and_balance():
-  n = 6 * 30
+  n = len(S.IMAGE_TYPES) * 30
   recs = [S.sample(SEED, "eval", i) for i in range(n)]
   kinds = collections.Counter()
   for rec, scene in recs:
@@ -325,7 +334,7 @@ def test_eval_answers_and_balance():
     check_answer(scene, rec["type"], conv[0]["value"], rec["answer"], rec)
     if rec["type"] == "exist":
       kinds[(rec["answer"], rec["neg_kind"])] += 1
-    if rec["type"] in ("colour", "count", "position", "exist"):
+    if rec["type"] in ("colour", "count", "position", "exist", "any", "most"):
       assert "\n" not in conv[0]["value"][len("<image>\n"):]  # Asked bare.
   assert collections.Counter(r["type"] for r, _ in recs) == {t: 30 for t in S.IMAGE_TYPES}
   assert kinds[("yes", None)] == 15
@@ -334,6 +343,8 @@ def test_eval_answers_and_balance():
   assert abs(pos["left"] - pos["right"]) <= 1 and abs(pos["above"] - pos["below"]) <= 1
   letters = collections.Counter(r["answer"] for r, _ in recs if r["type"] == "choice")
   assert max(letters.values()) <= 30 / 3 + 2
+  anys = collections.Counter(r["answer"] for r, _ in recs if r["type"] == "any")
+  assert anys == {"yes": 15, "no": 15}  # Balanced by construction.
 
 
 def test_negatives_follow_their_rules():
@@ -407,7 +418,7 @@ def test_generate_is_deterministic(out, tmp_path):
 
 def test_llava_files(out):
   for name, n in (("captions.json", SMALL["n_caption"]), ("instruct.json", SMALL["n_instruct"]),
-                  ("eval.json", 6 * SMALL["n_eval_per_type"])):
+                  ("eval.json", len(S.IMAGE_TYPES) * SMALL["n_eval_per_type"])):
     recs = _load(out, name)
     assert len(recs) == n and len({r["id"] for r in recs}) == n
     for r in recs:
@@ -530,7 +541,7 @@ def test_dataset_info_chance_matches_data(out):
   groups = collections.defaultdict(collections.Counter)
   per_type = collections.Counter(r["type"] for r in evals)
   uniform = collections.defaultdict(float)
-  n_ans = {"colour": 6, "position": 2, "exist": 2}
+  n_ans = {"colour": 6, "position": 2, "exist": 2, "any": 2, "most": 6}
   for r in evals:
     form = r["n_options"] if r["type"] == "choice" else r["subtype"]
     groups[(r["type"], form)][r["answer"]] += 1
