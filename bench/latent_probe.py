@@ -9,7 +9,10 @@ tower and the query transformer at m = M, and fits ridge-regression classifiers
 rest. Features: the M visual tokens as the LLM gets them (after the projector)
 and the tower's patch features. Targets per token j: its cell's row, column
 and cell (j in reading order; this needs M = the tower's patch count, as in
-configs/tiny.py, whose `spatial_init_gap` makes latent j pool patch j), and for
+configs/tiny.py, and latents that pool their own patch: trained with
+`--config.model.query.spatial_init=True --config.model.query.spatial_init_gap=6`,
+as the earlier default was; the current default's tokens all pool the whole
+image, so their row and column are not theirs to say), and for
 tokens of occupied cells the object's colour and shape. Tokens of occupied and
 empty cells are probed apart: an empty cell's token can say its place through
 the background alone.
@@ -18,8 +21,9 @@ What it is for: a question about where things are ("Is the red circle to the
 left or right of the blue square?", "Which column is the cross in?") needs the
 place either in the token's content, which this measures, or in where the token
 sits in the sequence, which the LLM's rotary positions can use only through its
-attention pattern (the values it reads carry no position). The configs/tiny.py
-stage-1 checkpoint (position embeddings drawn with CLIP's std 0.02) gives
+attention pattern (the values it reads carry no position). The earlier default's
+stage-1 checkpoint (latents on their cells; position embeddings drawn with
+CLIP's std 0.02) gives
 column 0.45 and cell 0.24 from the tokens of occupied cells (chance 0.33 and
 0.11); trained with `--config.model.vision.posemb_init=sincos2d`, 0.93 and 0.58
 (README). Prints a table; --out writes it as JSON.

@@ -2,7 +2,7 @@ r"""A CPU-sized MQT-LLaVA: the project's built-in default.
 
   python train.py --config=configs/tiny.py --workdir=/tmp/mqt_tiny
 
-About 8 minutes on two CPU cores, data preparation and the evaluation included.
+About 7 minutes on two CPU cores, data preparation and the evaluation included.
 Same structure as configs/mqt_llava.py (CLIP-style tower, the official query
 transformer, LLaMA decoder with grouped-query attention) at toy size: 72 px
 images in 24 px patches, M = 9 latents, a 2-layer LLM of width 128.
@@ -13,7 +13,8 @@ Stage 1 (900 steps, captions, m = M) trains everything; stage 2 (2,000 steps,
 one question per sample, m uniform over 1..M each step) trains the query
 transformer and a fresh LLM, the tower frozen. No latent starts tied to an image
 region. Headline (README, bench/compare_m.py): at m = 1 the model answers as well
-as at m = 9, where the same recipe at fixed m = M loses 19 points when truncated.
+as at m = 9 (0.86 mean held-out accuracy over the learnt question types), where the
+same recipe at fixed m = M, truncated, loses 16 points.
 
 What differs from the paper, and why: the towers start random (no CLIP, no
 Vicuna), so the tower and the LLM train in stage 1; stage 2 starts the LLM afresh

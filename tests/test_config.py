@@ -170,7 +170,7 @@ def test_unknown_override_keys_get_close_matches():
   assert "did you mean model.llm.width" in got[1]
   assert got[2].endswith("see the fields in --config=configs/tiny.py")
   assert cli.flag_problems(["prog", "--config=configs/tiny.py:stag=1"]) == [
-      "--config=configs/tiny.py:stag=1: unknown config knob 'stag'; known knobs: ['variant']"]
+      "--config=configs/tiny.py:stag=1: unknown config knob 'stag'; known knobs: ['train_query', 'variant']"]
   assert cli.flag_problems(["prog", "--config", "configs/nope.py"]) == [
       "--config=configs/nope.py: no such file configs/nope.py"]
   assert cli.int_list("ms", ["1", " 2", "x"]) == ([1, 2], ["--ms=1, 2,x: 'x' is not an integer"])

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(data_dir):
   config = tiny.get_config()
   config.data.data_dir = str(data_dir)
-  config.data.builtin_sizes.update(dict(captions=32, instruct=32, eval=24))
+  config.data.builtin_sizes.update(dict(captions=32, instruct=32, eval=32))
   config.run_stages = "1"
   config.stage1.steps = 2
   config.stage1.data.batch_size = 8

@@ -35,6 +35,8 @@ def test_scene_labels_put_each_object_in_its_cell():
 def _fresh(posemb_init):
   config = tiny.get_config()
   config.model.vision.posemb_init = posemb_init
+  # Latent j pools patch j, so that a visual token is a cell's token (the probe's labels).
+  config.model.query.spatial_init, config.model.query.spatial_init_gap = True, 6.0
   cfg = ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.sharding.mesh)
   shardings = sharding.param_shardings(abstract_params(cfg)["params"], mesh,

@@ -204,9 +204,9 @@ def test_two_processes_train_as_one(reference, two_processes, stage, step):
     if not far.any():
       continue
     if name.startswith("params/") and name.endswith(KEY_BIASES):
-      noise += int(far.sum())
-      # Within what Adam moves a parameter in stage 1 (up to lr per step).
-      np.testing.assert_allclose(y, x, atol=2 * LR * STEPS1, err_msg=name)
+      # Their gradient is float noise (a softmax ignores a shift shared by every key):
+      # held to what Adam can move them in both stages (up to lr per step), not counted.
+      np.testing.assert_allclose(y, x, atol=2 * LR * (STEPS1 + STEPS2), err_msg=name)
     elif name.startswith("params/") and far.sum() == 1 and np.abs(y - x).max() < 1e-4:
       noise += 1  # A lone element a little past 1e-5 (Adam scales up a small gradient).
     else:
@@ -304,29 +304,36 @@ def _assert_continued(resumed, scratch, stopped, what):
   """The continued run's final stage-2 state against the stopped run's and a from-scratch
   run's on the same devices.
 
-  The parts stage 2 keeps frozen (vision/, query/) are the stopped run's, bitwise: they
-  were trained by the 4-device stage 1 and only restored since. The LLM stage 2 trains
+  The part stage 2 keeps frozen (vision/) is the stopped run's, bitwise: it was trained
+  by the 4-device stage 1 and only restored since. What stage 2 trains (query/, llm/)
   agrees with the from-scratch run's to 1e-5 but for at most 1 element in 10,000, and
   all to 1e-4, a fifth or less of what the steps after the stop moved it. (Elements whose
   gradient is float noise take Adam steps of +-lr whose sign depends on the reduction
-  order, which differs between meshes.)"""
+  order, which differs between meshes. The query transformer's key biases are all such
+  elements, since a softmax ignores a shift shared by every key: they are held to what
+  Adam can move them, 2 lr per step.)"""
   got, want = _state(resumed, 2, STEPS2), _state(scratch, 2, STEPS2)
   before = _state(stopped, 2, STOP)
   assert int(got["step"]) == int(want["step"]) == STEPS2, what
-  frozen = _named(got, "params/vision/") | _named(got, "params/query/")
-  frozen_before = _named(before, "params/vision/") | _named(before, "params/query/")
+  frozen, frozen_before = _named(got, "params/vision/"), _named(before, "params/vision/")
   assert frozen.keys() == frozen_before.keys() and len(frozen) > 10, what
   for name, x in frozen.items():
     np.testing.assert_array_equal(x, frozen_before[name], err_msg=f"{what}: {name}")
-  llm, llm_want = _named(got, "params/llm/"), _named(want, "params/llm/")
-  llm_before = _named(before, "params/llm/")
-  assert llm.keys() == llm_want.keys() and len(llm) > 10, what
-  moved = max(float(np.abs(x - llm_before[k]).max()) for k, x in llm.items())
+  trained = _named(got, "params/llm/") | _named(got, "params/query/")
+  trained_want = _named(want, "params/llm/") | _named(want, "params/query/")
+  trained_before = _named(before, "params/llm/") | _named(before, "params/query/")
+  assert trained.keys() == trained_want.keys() and len(trained) > 20, what
+  moved = max(float(np.abs(x - trained_before[k]).max()) for k, x in trained.items())
   assert moved > 5e-4, (what, moved)  # 5x the tolerance below.
   off = total = 0
-  for name, x in llm.items():
-    np.testing.assert_allclose(x, llm_want[name], atol=1e-4, rtol=1e-4, err_msg=f"{what}: {name}")
-    off += int((np.abs(x - llm_want[name]) > 1e-5 + 1e-5 * np.abs(llm_want[name])).sum())
+  for name, x in trained.items():
+    if name.endswith(KEY_BIASES):
+      np.testing.assert_allclose(x, trained_want[name], atol=2 * LR * STEPS2,
+                                 err_msg=f"{what}: {name}")
+      continue
+    np.testing.assert_allclose(x, trained_want[name], atol=1e-4, rtol=1e-4,
+                               err_msg=f"{what}: {name}")
+    off += int((np.abs(x - trained_want[name]) > 1e-5 + 1e-5 * np.abs(trained_want[name])).sum())
     total += x.size
   assert off <= total // 10_000, (what, off, total)
 
