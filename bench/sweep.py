@@ -103,8 +103,10 @@ def run_sweep(spec: dict, root: str, parallel: int, command, poll_s: float = 2.0
           entry["failed"] = f.read()[-2000:]
         status = f"FAILED (rc {proc.returncode}; {log_path})"
       results[name] = entry
+      elapsed, left = time.time() - start, len(spec) - len(results)
+      eta = f", ETA {elapsed / len(results) * left / 60:.0f} min" if left else ""
       log(f"[{len(results)}/{len(spec)}] {name}: {status} in {entry['wall_s']:.0f} s "
-          f"(sweep {time.time() - start:.0f} s)")
+          f"(sweep {elapsed:.0f} s{eta})")
   return results
 
 

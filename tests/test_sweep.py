@@ -33,6 +33,7 @@ def test_sweep_runs_every_variant_and_reports_failures(tmp_path):
   assert results["b"]["accuracy"]["colour"] == (1.0, 0.25)
   assert results["broken"]["rc"] == 3 and "training fail" in results["broken"]["failed"]
   assert len(lines) == 3 and any("broken: FAILED (rc 3" in l for l in lines)
+  assert "min)" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[-1]  # Time left.
   table = sweep.format_table(results)
   assert "accuracy at m = 9 / m = 1" in table
   row = next(l for l in table.splitlines() if l.startswith("b "))
