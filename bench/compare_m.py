@@ -45,6 +45,7 @@ from absl import app
 from absl import flags
 
 from bench import sweep
+from mqt import cli
 
 # --root, --train_config, --parallel and --shared are bench.sweep's flags (one definition).
 _ROOT, _CONFIG, _PARALLEL, _SHARED = sweep._ROOT, sweep._CONFIG, sweep._PARALLEL, sweep._SHARED  # pylint: disable=protected-access
@@ -75,7 +76,6 @@ def _load_config(path: str, shared=()):
   `shared` applied (the values as train.py would read them: literals, else strings).
   An override of a field the config lacks is a ValueError naming it."""
   import ast  # pylint: disable=import-outside-toplevel
-  from mqt import cli  # pylint: disable=import-outside-toplevel
   config = cli.load_config_file(path)
   for arg in shared:
     if not arg.startswith("--config."):
@@ -192,14 +192,12 @@ def learned_types(evals: dict, seeds, chance: dict, big_m: int) -> tuple[list, d
   runs = [evals[f"matryoshka_seed{s}"] for s in seeds if f"matryoshka_seed{s}" in evals]
   learned, other = [], {}
   for t in sorted(runs[0]["accuracy"]):
-    ps = [(e["accuracy"][t][big_m], e["count"][t]) for e in runs]
-    acc = sum(p for p, _ in ps) / len(ps)
-    se = math.sqrt(sum(p * (1 - p) / n for p, n in ps)) / len(ps)
-    c = chance.get(t)
-    if c is not None and acc - c > 3 * max(se, 1e-9):
+    c = combine([mean_over_types(e, [t], big_m) for e in runs])
+    acc, se, ch = c["mean"], c["se"], chance.get(t)
+    if ch is not None and acc - ch > 3 * max(se, 1e-9):
       learned.append(t)
     else:
-      other[t] = (acc, c, se)
+      other[t] = (acc, ch, se)
   return learned, other
 
 
@@ -232,12 +230,10 @@ def aggregate(evals: dict, seeds, specialists, big_m: int, types=None) -> dict:
       out["recipes"][recipe] = {m: combine([mean_over_types(e, types, m) for e in runs])
                                 for m in ms}
   spec = {}
-  for m in specialists:
+  for m in sorted(set(specialists) | {big_m}):  # The fixed run is the specialist at M.
     name = f"specialist_m{m}" if m != big_m else f"fixed_seed{seeds[0]}"
     if name in evals and m in ms:
       spec[m] = combine([mean_over_types(evals[name], types, m)])
-  if big_m in ms and f"fixed_seed{seeds[0]}" in evals:
-    spec[big_m] = combine([mean_over_types(evals[f"fixed_seed{seeds[0]}"], types, big_m)])
   out["specialists"] = spec
   for name in ABLATIONS:
     if name in evals:
@@ -265,10 +261,10 @@ def format_markdown(agg: dict, gflops: dict, chance: float | None) -> str:
                + " | ".join(_cell(agg["specialists"].get(m)) for m in ms) + " |")
   if "matryoshka" in agg["recipes"]:
     mat = agg["recipes"]["matryoshka"]
-    for other, label in (("fixed", "matryoshka - fixed"),):
-      if other in agg["recipes"]:
-        lines.append(f"| {label} | " + " | ".join(
-            f"{mat[m]['mean'] - agg['recipes'][other][m]['mean']:+.3f}" for m in ms) + " |")
+    if "fixed" in agg["recipes"]:
+      fixed = agg["recipes"]["fixed"]
+      lines.append("| matryoshka - fixed | " + " | ".join(
+          f"{mat[m]['mean'] - fixed[m]['mean']:+.3f}" for m in ms) + " |")
     lines.append("| matryoshka - specialist | " + " | ".join(
         f"{mat[m]['mean'] - agg['specialists'][m]['mean']:+.3f}" if m in agg["specialists"]
         else "-" for m in ms) + " |")
@@ -365,11 +361,11 @@ def main(argv):
       if ablation in _ABLATIONS.value:
         try:
           _load_config(with_knob(_CONFIG.value, knob))
-        except Exception as e:  # pylint: disable=broad-except
+        except cli.UserError as e:
           raise ValueError(f"--ablations={ablation} needs the config knob {knob}: {e}") from None
     pre, runs = plan(config, _CONFIG.value, root, seeds, specialists,
                      [a for a in _ABLATIONS.value if a], _SHARED.value)
-  except ValueError as e:
+  except (ValueError, cli.UserError) as e:
     raise SystemExit(f"compare_m: {e}") from None
   if _DRY.value:
     for name, args in {**pre, **runs}.items():
