@@ -15,24 +15,29 @@ run at the largest m needs is printed before any weight is read, and a run that
 cannot fit stops there; --dry_run prints it and stops (no data or weights read). Writes
 results.json / results.csv / predictions / accuracy_vs_m.png /
 accuracy_vs_flops.png under --out_dir (default <workdir>/eval).
-"""
 
+The built-in benchmark files (the synthetic held-out splits in the published formats)
+are prepared once (`run_inputs.prepare_builtin_benchmarks`) before the sweep reads
+them; the synthetic set's chance baseline comes from its generator's answer sets.
+"""
 from absl import flags
 
 from mqt import cli
 from mqt import evaluate
 from mqt import inference
 from mqt import paths
-from mqt import train
+from mqt import run_inputs
 from mqt import validate
+from mqt.benchmarks import registry
 
 _CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
 _MS = flags.DEFINE_list("ms", None, "Visual token counts to evaluate, e.g. 1,2,4,8,16 "
                         "(default: config.eval.ms). Each must satisfy 1 <= m <= M.")
-_BENCHMARKS = flags.DEFINE_list("benchmarks", ["builtin"],
-                                "builtin (synthetic, pope, scienceqa, vqav2, gqa on the built-in "
-                                "data) and/or pope, scienceqa, mme, gqa, vqav2, textvqa, vizwiz, "
-                                "mmbench with paths in config.eval.benchmarks.")
+_BENCHMARKS = flags.DEFINE_list(
+    "benchmarks", ["builtin"],
+    f"builtin ({', '.join(registry.builtin_names())} on the built-in data) and/or "
+    f"{', '.join(n for n, b in registry.REGISTRY.items() if b.from_config)} with paths in "
+    f"config.eval.benchmarks.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where results go (default <workdir>/eval).")
 _LIMIT = flags.DEFINE_integer("limit", 0, "At most this many questions per benchmark (0: all).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -73,8 +78,8 @@ def preflight(config, workdir: str) -> list[int]:
     builtin = "builtin" in evaluate.benchmark_sources(_BENCHMARKS.value).values()
   except ValueError:  # An unknown name, already named.
     builtin = False
-  if builtin and train.builtin_dir_problem(config, workdir):
-    found.add(train.builtin_dir_problem(config, workdir))
+  if builtin and run_inputs.builtin_dir_problem(config, workdir):
+    found.add(run_inputs.builtin_dir_problem(config, workdir))
   if paths.is_uri(out_dir(workdir)):
     found.add(f"results are written to local disk, not {out_dir(workdir)}: set --out_dir to a "
               f"local folder")
@@ -90,8 +95,12 @@ def main(argv):
   cli.start(argv)
   config = cli.apply_param_dtype(_CONFIG.value)
   ms = preflight(config, _WORKDIR.value)
+  sources = evaluate.benchmark_sources(_BENCHMARKS.value)
+  if "builtin" in sources.values() and not cli.DRY_RUN.value:
+    run_inputs.prepare_builtin_benchmarks(config, _WORKDIR.value)
   evaluate.sweep(config, _WORKDIR.value, ms, _BENCHMARKS.value, out_dir(_WORKDIR.value),
-                 checkpoint=_CHECKPOINT.value, limit=_LIMIT.value, dry_run=cli.DRY_RUN.value)
+                 checkpoint=_CHECKPOINT.value, limit=_LIMIT.value, dry_run=cli.DRY_RUN.value,
+                 chance={"synthetic": run_inputs.synthetic_chance})
 
 
 if __name__ == "__main__":

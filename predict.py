@@ -19,6 +19,7 @@ from mqt import cli
 from mqt import inference
 from mqt import matryoshka
 from mqt import paths
+from mqt import run_inputs
 from mqt import validate
 
 _CONFIG, _WORKDIR, _CHECKPOINT = cli.define_model_flags()
@@ -74,7 +75,7 @@ def main(argv):
         gen_cfg[key] = flag.value
   if not dry_run:
     inference.check_images(_IMAGES.value)
-  checkpoint, tok_path = inference.resolve_paths(config, _WORKDIR.value, _CHECKPOINT.value)
+  checkpoint, tok_path = run_inputs.resolve_paths(config, _WORKDIR.value, _CHECKPOINT.value)
   model_cfg = inference.model_config(config, checkpoint)
   m = matryoshka.validate_m(_M.value, model_cfg.query.num_queries)
   questions = [_PROMPT.value] * len(_IMAGES.value)

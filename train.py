@@ -26,6 +26,8 @@ from mqt import config_lib
 from mqt import paths
 from mqt import train
 from mqt import validate
+from mqt import params as params_lib
+from mqt import run_inputs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).",
                                           lock_config=True)
@@ -43,14 +45,14 @@ def _data_blocks(config) -> list:
 def checkpoint_problems(config, workdir: str) -> list[str]:
   """Each checkpoint this run would read (a stage's own, to resume; the first stage's
   init_from) against the config's model, from the checkpoints' metadata."""
-  stages = train.stages_to_run(config)
+  stages = run_inputs.stages_to_run(config)
   folders = [paths.join(workdir, f"stage{n}", "checkpoints") for n in stages]
   if stages and config[f"stage{stages[0]}"].init_from:
     folders.append(config[f"stage{stages[0]}"].init_from)
   folders = [f for f in folders if paths.isdir(f)]
   if not folders:
     return []
-  model_cfg = train.model_config(config)
+  model_cfg = params_lib.model_config(config)
   dtypes = cli.PARAM_DTYPE.value is None  # A restore casts to an asked-for dtype.
   return [p for f in folders for p in validate.model_checkpoint_problems(f, model_cfg,
                                                                          dtypes=dtypes)]
@@ -64,7 +66,7 @@ def preflight(config, workdir: str, dry_run: bool) -> None:
   config_found = validate.config_problems(config)
   found.add(config_found)
   if not dry_run:  # A dry run reads no data, weights or tokenizer.
-    found.check(train.check_paths, config)
+    found.check(run_inputs.check_paths, config)
     found.add(validate.data_file_problems(_data_blocks(config)))
     if not config_found:
       found.check(lambda: found.add(checkpoint_problems(config, workdir)))

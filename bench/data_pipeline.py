@@ -5,7 +5,10 @@ r"""Input pipeline throughput (samples/s) against what the tiny train step consu
 Two datasets: the built-in synthetic set (PNG at configs/tiny.py's image size,
 as it reads it) and LLaVA-format JSON with real JPEG photos (skimage) decoded, padded and
 resized to 336 px (the 7B model's input), each through TFDS ArrayRecord and
-the grain pipeline, in-process and with 2 worker processes.
+the grain pipeline, in-process and with 2 worker processes. What the step consumes:
+`bench.train_step`'s stage-2 step of configs/tiny.py (batch 32, all M visual slots),
+measured in the same run. The last lines say whether the machine was busy
+(`bench.common.MachineWatch`: load average, a reference matmul, other processes).
 """
 import json
 import os
@@ -17,6 +20,7 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from bench import common
 from bench import train_step as bench_train_step
 from configs import tiny
 from data import pipeline
@@ -25,6 +29,7 @@ from data.sources import TfdsSource
 from mqt import config_lib
 
 _BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches per measurement.")
+_JSON = common.define_json_flag()
 
 
 def _throughput(source, cfg, batches):
@@ -60,6 +65,7 @@ def _jpeg_llava(root, n=240):
 
 def main(argv):
   del argv
+  watch = common.MachineWatch().start()
   root = tempfile.mkdtemp(prefix="mqt_bench_")
   config = tiny.get_config()
   px = config.data.builtin_image_size
@@ -76,13 +82,18 @@ def main(argv):
                                     tokenizer_path=tok, worker_count=workers, num_epochs=None)
       rows.append((name, workers, _throughput(src, cfg, _BATCHES.value)))
   # What the train step of configs/tiny.py consumes, measured in the same run.
-  need = bench_train_step.bench(config, 32, text_len, 5)
+  run = bench_train_step.setup(config, 32, text_len)
+  big_m = run.cfg.query.num_queries
+  need = bench_train_step.bench(run, [(str(big_m), big_m, None)], 5)[0]
   consumed = 32 / need["step_s"]
+  record = watch.stop()
   print(f"{'dataset':<20}{'workers':>8}{'samples/s':>12}{'x tiny step':>12}")
   for name, workers, rate in rows:
     print(f"{name:<20}{workers:>8}{rate:>12,.0f}{rate / consumed:>12.1f}")
   print(f"configs/tiny.py's train step consumes {consumed:,.0f} samples/s "
         f"(batch 32, {need['step_s'] * 1e3:.0f} ms per step)")
+  common.finish(record, _JSON(), step_s=need["step_s"],
+                rows=[dict(dataset=n, workers=w, samples_per_s=r) for n, w, r in rows])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Runs `export.py --checkpoint=hf` (import, then export, both streaming) under GNU
 by tensor (`mqt.export.compare`): the same keys and shapes, and every value within
 the rounding of --param_dtype of the source value (bfloat16: |a - b| <= 2**-8 |a|;
 float32: equal). Prints the command, its wall time and maximum resident set size,
-and the comparison; exits non-zero when they do not match.
+and the comparison; exits non-zero when they do not match. The last lines say whether
+the machine was busy while it ran (`bench.common.MachineWatch`).
 """
 import os
 import re
@@ -19,6 +20,7 @@ import time
 from absl import app
 from absl import flags
 
+from bench import common
 from mqt import export
 
 _CKPT = flags.DEFINE_string("ckpt", "/tmp/mqt7b", "A checkpoint in the released layout.")
@@ -37,6 +39,7 @@ def _time_v(stderr: str, label: str) -> str:
 
 def main(argv):
   del argv
+  watch = common.MachineWatch().start()
   if not _COMPARE_ONLY.value:
     _export()
   t0 = time.perf_counter()
@@ -47,6 +50,7 @@ def main(argv):
         f"source cast once to {_DTYPE.value}, {len(result['problems'])} problem(s)")
   for p in result["problems"][:20]:
     print("  " + p)
+  print(common.machine_lines(watch.stop()))
   if result["problems"]:
     sys.exit(1)
 

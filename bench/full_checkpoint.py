@@ -18,7 +18,8 @@ Each shard's header is computed from the shapes first, then every tensor's
 bytes are streamed in 8 MiB pieces: memory stays flat whatever the size. The
 values are normal(0, 0.02) (LayerNorm / RMSNorm weights 1 + that), taken as
 slices at random offsets of one pool of 2^24 normal draws, so the 14 GB are
-written at disk speed; the same seed gives the same bytes.
+written at disk speed; the same seed gives the same bytes. The last lines say whether
+the machine was busy while it wrote (`bench.common.MachineWatch`).
 """
 import json
 import math
@@ -164,13 +165,16 @@ def _define_flags():
 
 
 def main(argv):
+  from bench import common  # pylint: disable=import-outside-toplevel
   from mqt import cli  # pylint: disable=import-outside-toplevel
   cli.start(argv)
+  watch = common.MachineWatch().start()
   f = flags.FLAGS
   info = write_full_checkpoint(f.out, model_config(f.tiny), f.dtype, f.seed, f.shards,
                                f.with_vision)
   print(f"{f.out}: {info['parameters']:,} parameters, {info['bytes'] / 1e9:.2f} GB in "
         f"{len(info['files'])} shard(s), {info['seconds']:.0f} s", flush=True)
+  print(common.machine_lines(watch.stop()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Prints the wall time, the tree's bytes and the process's peak resident memory
 compares one tensor against the file (within the rounding of param_dtype).
 When the tree cannot fit (float32 here), the import refuses before reading any
 weight: the line printed says what it needs, and the bytes the process had read
-(/proc/self/io rchar) show that no weight was.
+(/proc/self/io rchar) show that no weight was. The last lines say whether the machine
+was busy while it ran (`bench.common.MachineWatch`).
 """
 import time
 
@@ -23,6 +24,7 @@ from absl import app
 from absl import flags
 from flax import linen as nn
 
+from bench import common
 from configs import mqt_llava
 from mqt import cli
 from mqt import convert
@@ -80,7 +82,9 @@ def run(ckpt: str) -> dict:
 
 def main(argv):
   cli.start(argv)
+  watch = common.MachineWatch().start()
   run(flags.FLAGS.ckpt)
+  print(common.machine_lines(watch.stop()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Does a visual token say where it is? Linear probes of the tiny model's tokens.
 
   python -m bench.latent_probe --checkpoint=/tmp/mqt_tiny/stage1/checkpoints
-  python -m bench.latent_probe --init_only --config.model.vision.posemb_init=sincos2d
+  python -m bench.latent_probe --init_only --posemb=sincos2d
 
 Renders --n fresh built-in scenes (their own stream, never trained on), runs the
 tower and the query transformer at m = M, and fits ridge-regression classifiers
@@ -25,8 +25,14 @@ attention pattern (the values it reads carry no position). The earlier default's
 stage-1 checkpoint (latents on their cells; position embeddings drawn with
 CLIP's std 0.02) gives
 column 0.45 and cell 0.24 from the tokens of occupied cells (chance 0.33 and
-0.11); trained with `--config.model.vision.posemb_init=sincos2d`, 0.93 and 0.58
-(README). Prints a table; --out writes it as JSON.
+0.11); the same run with the tower's position embeddings started as the 2-D sine /
+cosine table that --posemb=sincos2d writes, 0.93 and 0.58
+(docs/2026-12-06-tiny-default-history.md). Prints a table; --out writes it as JSON.
+
+--posemb=sincos2d (with --init_only): the fresh tower's `position_embedding` is
+overwritten with MAE's 2-D sine / cosine table of each patch's row and column at unit
+scale (`sincos_position_embedding`; the class token's row zero) instead of CLIP's
+std-0.02 draw, for a tower whose features must say where each patch is.
 """
 import json
 
@@ -40,9 +46,11 @@ from ml_collections import config_flags
 
 from data import images as images_lib
 from data import synthetic
+from mqt import layers
+from mqt import params as params_lib
 from mqt import sharding
-from mqt import train as train_lib
-from mqt.model import ModelConfig, MQTLLaVA, abstract_params
+from mqt.model import ModelConfig, MQTLLaVA
+from mqt.vision import VisionConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
                                           "The model's config (get_config(arg)).",
@@ -51,11 +59,38 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "An orbax checkpoints folder
                                   "--config, e.g. <workdir>/stage1/checkpoints.")
 _INIT_ONLY = flags.DEFINE_bool("init_only", False, "Probe the freshly initialized model "
                                "instead of a checkpoint.")
+_POSEMB = flags.DEFINE_enum("posemb", "normal", ["normal", "sincos2d"],
+                            "With --init_only: the tower's position embeddings as drawn "
+                            "(normal: CLIP's std 0.02) or overwritten with the 2-D sine / "
+                            "cosine table (sincos2d).")
 _N = flags.DEFINE_integer("n", 1200, "Scenes to render (three quarters fit, a quarter scored).")
 _OUT = flags.DEFINE_string("out", "", "Write the results here as JSON.")
 
 PROBE_SPLIT = "probe"  # A stream of its own: no training split draws from it.
 TARGETS = ("row", "column", "cell", "colour", "shape")
+
+
+def sincos_position_embedding(vision: VisionConfig) -> np.ndarray:
+  """[1 + grid * grid, width] float32: zeros for the class token, then the patches'
+  2-D sine / cosine table in raster order (`layers.sincos_2d`)."""
+  table = layers.sincos_2d(vision.width, vision.grid)
+  return np.concatenate([np.zeros((1, vision.width), np.float32), table])
+
+
+def init_params(config, model_cfg: ModelConfig, mesh, posemb: str = "normal"):
+  """Fresh parameters of `config` (created sharded on `mesh`); posemb="sincos2d": with
+  the tower's `position_embedding` replaced by `sincos_position_embedding` (same
+  dtype and sharding)."""
+  if posemb not in ("normal", "sincos2d"):
+    raise ValueError(f"unknown posemb {posemb!r}; known: 'normal', 'sincos2d'")
+  shardings = params_lib.param_shardings(model_cfg, mesh, config.sharding.logical_axis_rules)
+  params = params_lib.fresh_params(config, model_cfg, MQTLLaVA(model_cfg), shardings)
+  if posemb == "normal":
+    return params
+  old = params["vision"]["position_embedding"]
+  table = jnp.asarray(sincos_position_embedding(model_cfg.vision)).astype(old.dtype)
+  vision = {**params["vision"], "position_embedding": jax.device_put(table, old.sharding)}
+  return {**params, "vision": vision}
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, classes: int, reg: float = 1e-2):
@@ -152,15 +187,16 @@ def main(argv):
   config = _CONFIG.value
   if bool(_CHECKPOINT.value) == _INIT_ONLY.value:
     raise app.UsageError("give exactly one of --checkpoint and --init_only")
+  if _CHECKPOINT.value and _POSEMB.value != "normal":
+    raise app.UsageError("--posemb goes with --init_only (a checkpoint's position "
+                         "embeddings are its own)")
   model_cfg = ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.sharding.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
     if _INIT_ONLY.value:
-      shardings = sharding.param_shardings(abstract_params(model_cfg)["params"], mesh,
-                                           tuple(config.sharding.logical_axis_rules))
-      params = train_lib.fresh_params(config, model_cfg, MQTLLaVA(model_cfg), shardings)
+      params = init_params(config, model_cfg, mesh, _POSEMB.value)
     else:
-      params = train_lib.load_params(_CHECKPOINT.value, model_cfg, mesh, config)
+      params = params_lib.load_params(_CHECKPOINT.value, model_cfg, mesh, config)
     result = probe(model_cfg, params, _N.value, config.data.builtin_seed)
   print(f"held-out linear-probe accuracy ({_N.value // 4} images scored, "
         f"{model_cfg.query.num_queries} tokens each)")

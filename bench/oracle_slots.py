@@ -47,9 +47,9 @@ from data import templates
 from data import tokenizer as tokenizer_lib
 from mqt import optim
 from mqt import sharding
-from mqt import train as train_lib
 from mqt.decoder import LlamaDecoder
 from mqt.model import IGNORE, ModelConfig, MQTLLaVA, attention_mask
+from mqt import params as params_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Training steps.")
@@ -164,7 +164,7 @@ def model_latents(checkpoint: str, config, seed: int, wanted) -> list[np.ndarray
   size, m = cfg.vision.image_size, cfg.query.num_queries
   mesh = sharding.make_mesh(config.sharding.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
-    params = train_lib.load_params(checkpoint, cfg, mesh, config)
+    params = params_lib.load_params(checkpoint, cfg, mesh, config)
     embed = jax.jit(lambda p, x: MQTLLaVA(cfg).apply({"params": p}, x, m,
                                                      method=MQTLLaVA.embed_image)[0])
     result = []

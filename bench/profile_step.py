@@ -11,7 +11,10 @@ compiled step and so to the model code that made it (the op_name metadata, with
 the layer number dropped so that all layers add up). The table lists the
 op groups taking the most time per step, forward and backward apart, and the
 share of all op time. On the CPU, independent ops run concurrently, so op time
-can exceed the step's wall time.
+can exceed the step's wall time. The first line also gives the parameters
+(trainable / total), the step's MaxText model FLOPs at m (`bench.common.model_flops`)
+and its MFU against the best float32 matmul measured before and after; the last
+lines say whether the machine was busy (`bench.common.MachineWatch`).
 """
 import collections
 import glob
@@ -27,6 +30,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from bench import common
 from bench import vs_torch
 
 _M = flags.DEFINE_integer("m", 8, "Visual tokens of the profiled steps.")
@@ -80,17 +84,21 @@ def trace_events(folder: str) -> list[dict]:
 
 def main(argv):
   del argv
+  watch = common.MachineWatch().start()
   shape = vs_torch._SHAPE.value or "tiny"  # pylint: disable=protected-access
   if shape not in vs_torch.SHAPES:
     raise app.UsageError(f"--shape={shape}: choose one of {sorted(vs_torch.SHAPES)}")
   s = vs_torch.SHAPES[shape]
-  steps_n, batch_n = vs_torch._STEPS.value, vs_torch._BATCH.value  # pylint: disable=protected-access
-  text_n, buckets = vs_torch._TEXT.value, vs_torch._BUCKETS.value  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  steps_n, batch_n, text_n = vs_torch._STEPS.value, vs_torch._BATCH.value, vs_torch._TEXT.value
+  buckets = vs_torch._BUCKETS.value  # pylint: disable=protected-access
   if not 1 <= _M.value <= s["M"]:
     raise app.UsageError(f"--m={_M.value} is out of range: 1 <= m <= M={s['M']}")
   run = vs_torch.jax_step(s, batch_n, text_n, buckets)
   step, state, batch, bucket_of = run.step, run.state, run.batch, run.bucket_of
   m = _M.value
+  shapes = common.model_shapes(vs_torch.model_config(s), batch_n * (text_n + bucket_of(m) - 1))
+  peak = common.measure_peak(shapes)
   state, out = step(state, batch, m)
   jax.block_until_ready(out["loss"])
   times = []
@@ -113,9 +121,17 @@ def main(argv):
       per_group[g] += e.get("dur", 0) / 1e3 / steps_n
       calls[g] += 1
   total = sum(per_group.values())
-  print(f"shape {shape}, m={m} (bucket {bucket_of(m)}), batch {batch_n}: "
-        f"step {np.median(times) * 1e3:.1f} ms (median of {steps_n}), op time "
-        f"{total:.1f} ms per step in {sum(calls.values()) // steps_n} ops")
+  step_s = float(np.median(times))
+  cfg = vs_torch.model_config(s)
+  model = common.model_flops(cfg, text_n, m, batch_n, vs_torch.TRAIN)["total"]
+  peak = common.measure_peak(shapes, earlier=peak)
+  counts = vs_torch.param_counts(s)
+  print(f"shape {shape}, m={m} (bucket {bucket_of(m)}), batch {batch_n}, "
+        f"{counts['trainable']:,} / {counts['total']:,} parameters trainable / total: "
+        f"step {step_s * 1e3:.1f} ms (median of {steps_n}), {model / 1e9:.2f} model GFLOP "
+        f"({common.CONVENTION}), {model / step_s / 1e9:.1f} GFLOP/s, MFU "
+        f"{model / step_s / peak['flops_per_s']:.1%}; op time {total:.1f} ms per step in "
+        f"{sum(calls.values()) // steps_n} ops\n{common.peak_line(peak)}")
   print(f"{'ms/step':>9}{'share':>7}{'ops':>5}  group")
   for g, ms in per_group.most_common(_TOP.value):
     print(f"{ms:>9.2f}{ms / total:>7.1%}{calls[g] // steps_n:>5}  {g}")
@@ -125,6 +141,7 @@ def main(argv):
   print(f"\nby part of the model:\n{'ms/step':>9}{'share':>7}  part")
   for part, ms in parts.most_common():
     print(f"{ms:>9.2f}{ms / total:>7.1%}  {part}")
+  print(common.machine_lines(watch.stop()))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,29 @@
-r"""Train-step time and model FLOPs utilization against this machine's matmul peak.
+r"""Train-step time and model FLOPs utilization (MFU) against this machine's matmul peak.
 
-  python -m bench.train_step            # tiny and a larger CPU config, side by side
+  python -m bench.train_step                  # tiny and a larger CPU config, side by side
+  python -m bench.train_step --repeats=5 --json_out=/tmp/train_step.json
 
-FLOPs per step come from XLA's cost analysis of the compiled step; the peak is
-a measured float32 matmul (the best a dense kernel reaches here). The ratio is
-the model FLOPs utilization (MFU).
+The jitted stage-2 step of each config (its optimizer rules: the tower frozen, the
+query transformer and the LLM training), batch 32 of 64 text tokens. Three rows per
+config, timed in rounds (each round runs every program once, so load from elsewhere
+falls on all alike):
+  m = M       the step as training runs it without buckets: all M latents, T + M - 1
+              LLM slots;
+  m = 1 pad   the same program at m = 1 (m is data; the slots past m are padding);
+  m = 1 own   a program compiled for m = 1 (`num_latents=1`: T slots), what a bucket
+              of one costs.
+Parameters: trainable (what the optimizer updates) / total.
+FLOPs: `bench.common.model_flops` (MaxText model FLOPs; see bench/common.py): "model"
+at the row's m and exact length T + m - 1, "run" at the length the program runs
+(padded: T + M - 1 with all M latents). MFU = model GFLOP / step time / the peak,
+the best float32 matmul measured before and after the timed steps
+(`bench.common.measure_peak`, named in the output); the last lines say whether the
+machine was busy (`bench.common.MachineWatch`). XLA GFLOP: the compiled step's cost
+analysis (elementwise work, the loss's recomputed chunks and padding included), for
+reference.
 """
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,24 +32,16 @@ from absl import app
 from absl import flags
 from flax import linen as nn
 
+from bench import common
 from configs import tiny
 from mqt import optim
 from mqt.model import IGNORE, MQTLLaVA, ModelConfig, abstract_params, dummy_inputs
-from mqt.train import make_train_step
+from mqt.params import state_initializer
+from mqt.train_step import make_train_step
 
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per config.")
-
-
-def matmul_peak(n=2048, repeats=10) -> float:
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+_REPEATS = flags.DEFINE_integer("repeats", 6, "Timed steps per program (rounds).")
+_JSON = common.define_json_flag()
+BATCH, TEXT_LEN = 32, 64
 
 
 def larger(config):
@@ -48,18 +57,16 @@ def larger(config):
   return c
 
 
-def bench(config, batch_size: int, text_len: int, repeats: int):
+def setup(config, batch_size: int, text_len: int):
+  """The stage-2 model, optimizer, a fresh train state and one random batch."""
   cfg = ModelConfig.from_config(config.model)
   model = MQTLLaVA(cfg)
   abstract = nn.unbox(abstract_params(cfg)["params"])
   tx, labels, _ = optim.make_optimizer(abstract, config.stage2.optim, 1000)
-  step = jax.jit(make_train_step(model, tx, labels, 1), donate_argnums=(0,))
   images, ids, mask = dummy_inputs(cfg)
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), images, ids, mask,
                                                cfg.query.num_queries))["params"])()
-  trainable, _ = optim.partition(params, labels)
-  state = {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-           "rng": jax.random.PRNGKey(0)}
+  state = state_initializer(tx, labels)(params)
   rng = np.random.default_rng(0)
   s = cfg.vision.image_size
   ids = rng.integers(3, cfg.llm.vocab_size, (batch_size, text_len)).astype(np.int32)
@@ -67,37 +74,79 @@ def bench(config, batch_size: int, text_len: int, repeats: int):
   batch = {"images": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
            "input_ids": ids, "text_mask": np.ones((batch_size, text_len), bool),
            "labels": np.where(np.arange(text_len) > 2, ids, IGNORE).astype(np.int32)}
-  ms = np.array([cfg.query.num_queries], np.int32)
-  compiled = step.lower(state, batch, ms).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
-  state, out = compiled(state, batch, ms)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    state, out = compiled(state, batch, ms)
+  return types.SimpleNamespace(
+      cfg=cfg, model=model, tx=tx, labels=labels, state=state, batch=jax.device_put(batch),
+      batch_size=batch_size, text_len=text_len, counts=common.param_counts(params, labels),
+      train=common.trainable_parts(labels, cfg.train_vision))
+
+
+def bench(run, cases, repeats: int) -> list[dict]:
+  """cases: (label, m, num_latents); one row per case with its median step time."""
+  rows = []
+  for label, m, num_latents in cases:
+    ms = jnp.asarray([m], jnp.int32)
+    step = jax.jit(make_train_step(run.model, run.tx, run.labels, 1, num_latents=num_latents),
+                   donate_argnums=(0,))
+    compiled = step.lower(run.state, run.batch, ms).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    run.state, out = compiled(run.state, run.batch, ms)  # Warm-up.
     jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  return {"params": n_params, "step_s": float(np.median(times)), "flops": flops,
-          "tokens": batch_size * (text_len - 1 + cfg.query.num_queries)}
+    exact = common.model_flops(run.cfg, run.text_len, m, run.batch_size, run.train)
+    ran = common.model_flops(run.cfg, run.text_len, num_latents or run.cfg.query.num_queries,
+                             run.batch_size, run.train)
+    rows.append(dict(label=label, m=m, slots=ran["seq_len"], model_flops=exact["total"],
+                     run_flops=ran["total"], xla_flops=float(cost.get("flops", 0.0)),
+                     tokens=run.batch_size * exact["seq_len"], call=compiled, ms=ms, times=[]))
+  for _ in range(repeats):
+    for r in rows:
+      t = time.perf_counter()
+      run.state, out = r["call"](run.state, run.batch, r["ms"])
+      jax.block_until_ready(out)
+      r["times"].append(time.perf_counter() - t)
+  for r in rows:
+    r["step_s"] = float(np.median(r.pop("times")))
+    del r["call"], r["ms"]
+  return rows
+
+
+def cases_for(cfg: ModelConfig):
+  big_m = cfg.query.num_queries
+  return [(f"{big_m}", big_m, None), ("1 pad", 1, None), ("1 own", 1, 1)]
 
 
 def main(argv):
   del argv
-  peak = matmul_peak()
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-  rows = [("tiny", tiny.get_config(), 32, 64), ("larger", larger(tiny.get_config()), 32, 64)]
-  print(f"{'config':<8}{'params':>12}{'batch':>7}{'step ms':>10}{'GFLOP/step':>12}"
-        f"{'GFLOP/s':>10}{'MFU':>8}{'tok/s':>10}")
-  for name, config, b, t in rows:
-    r = bench(config, b, t, _REPEATS.value)
-    rate = r["flops"] / r["step_s"]
-    print(f"{name:<8}{r['params']:>12,}{b:>7}{r['step_s'] * 1e3:>10.1f}{r['flops'] / 1e9:>12.2f}"
-          f"{rate / 1e9:>10.1f}{rate / peak:>8.1%}{r['tokens'] / r['step_s']:>10,.0f}")
+  watch = common.MachineWatch().start()
+  configs = [("tiny", tiny.get_config()), ("larger", larger(tiny.get_config()))]
+  runs = {name: setup(config, BATCH, TEXT_LEN) for name, config in configs}
+  shapes = sorted({s for r in runs.values() for s in common.model_shapes(
+      r.cfg, BATCH * (TEXT_LEN + r.cfg.query.num_queries - 1))})
+  peak = common.measure_peak(shapes)
+  results = []
+  for name, run in runs.items():
+    for r in bench(run, cases_for(run.cfg), _REPEATS.value):
+      results.append(dict(r, config=name, params=run.counts, train=run.train))
+    print(f"{name}: timed", flush=True)
+  peak = common.measure_peak(shapes, earlier=peak)
+  record = watch.stop()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"{common.peak_line(peak)}\nFLOPs: {common.CONVENTION} (bench/common.py), batch "
+        f"{BATCH}, T = {TEXT_LEN} text tokens, median of {_REPEATS.value} steps per row")
+  print(f"{'config':<8}{'trainable/total params':>24}{'m':>7}{'slots':>6}{'step ms':>9}"
+        f"{'model GFLOP':>12}{'run GFLOP':>10}{'XLA GFLOP':>10}{'GFLOP/s':>9}{'MFU':>7}"
+        f"{'tok/s':>8}")
+  for r in results:
+    rate = r["model_flops"] / r["step_s"]
+    r["mfu"] = rate / peak["flops_per_s"]
+    counts = f"{r['params']['trainable']:,}/{r['params']['total']:,}"
+    print(f"{r['config']:<8}{counts:>24}{r['label']:>7}{r['slots']:>6}{r['step_s'] * 1e3:>9.1f}"
+          f"{r['model_flops'] / 1e9:>12.2f}{r['run_flops'] / 1e9:>10.2f}"
+          f"{r['xla_flops'] / 1e9:>10.2f}{rate / 1e9:>9.1f}{r['mfu']:>7.1%}"
+          f"{r['tokens'] / r['step_s']:>8,.0f}")
+  print("parts training: " + ", ".join(f"{n}: {'+'.join(r.train)}" for n, r in runs.items())
+        + "; slots: LLM sequence length the program runs; tok/s: T + m - 1 per row")
+  common.finish(record, _JSON(), rows=results, peak=peak)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,22 @@ S + `--max_new_tokens` slots), torch the same modules under inference_mode with
 HF's cache, the last position's logits on both sides. Each call is warmed once,
 then timed once per pass over `--prefill_runs` passes.
 
-FLOPs per step (one convention for both sides, "model FLOPs at m"): matrix
-products only (mqt.flops), multiply-add = 2, at the step's own m: the frozen
-vision tower's forward once, the query transformer and the LLM forward three
-times (forward + backward). Work a side does beyond that (padding to a bucket,
-elementwise ops) is not counted.
+FLOPs per step (one convention for both sides): MaxText model FLOPs
+(`bench.common.model_flops`: matmuls, multiply-add = 2, at the step's own m and
+exact length T + m - 1; the frozen vision tower forward only, the query transformer
+and the LLM 3x their forward, causal LLM attention halved, the LM head at every
+position but the last). Work a side does beyond that (padding to a bucket,
+elementwise ops) is not counted. Prefill FLOPs: the same convention, forward only.
+Parameters: trainable (query transformer + LLM) and total.
 
-Peak: the best float32 2048^3 matmul rate of jax and of torch on this machine,
-measured before each round. MFU = model FLOPs / step time / that peak. A round
-where other processes used more than 10% of the CPUs (from /proc/stat against
-the child's own CPU time) or the peak moved more than 10% is flagged busy.
+Peak: the best float32 matmul rate of jax, numpy and torch on this machine at the
+shape's own matmuls and 2048^3 (`bench.common.model_shapes`), measured in every
+process; MFU = model FLOPs / step time / the best of them over the run, named in the
+output. Busy machine: a round where other processes used more than 10% of the CPUs
+or the peak moved more than 10%, and `bench.common.MachineWatch` over the whole run.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,6 +48,8 @@ import types
 import numpy as np
 from absl import app
 from absl import flags
+
+from bench import common
 
 SHAPES = {
     # vision: image, patch, width, layers, heads; query: M, heads; llm: width, layers,
@@ -74,6 +78,8 @@ _KIND = flags.DEFINE_enum("kind", "step", ["step", "prefill"], "Internal: what -
 _SHAPE = flags.DEFINE_string("shape", "", "Internal: the shape of --side (bench.profile_step: "
                              "the shape it profiles).")
 _ROUND = flags.DEFINE_integer("round", 0, "Internal: the round of --side (seeds the m's).")
+_JSON = common.define_json_flag()
+TRAIN = ("query", "llm")  # The parts that train (the paper's stage 2).
 
 
 # ---------------------------------------------------------------------------
@@ -113,14 +119,25 @@ def m_sequence(s: dict, round_: int, n: int) -> list[int]:
 
 def model_flops(s: dict, m: int, batch: int, text_len: int) -> int:
   """Model FLOPs of one step at m (module docstring)."""
-  from mqt import flops  # pylint: disable=import-outside-toplevel
-  cfg = model_config(s)
-  seq = text_len + m - 1
-  patches = flops.num_patches(cfg.vision) + (1 if cfg.vision.keep_cls else 0)
-  vision = flops.vision_flops(cfg.vision, batch)
-  query = flops.query_flops(cfg.query, cfg.vision.width, patches, m, batch)
-  llm = flops.llm_prefill_flops(cfg.llm, seq, seq, batch)
-  return vision + 3 * (query + llm)
+  return common.model_flops(model_config(s), text_len, m, batch, TRAIN)["total"]
+
+
+def stage2_optimizer(cfg):
+  """(tx, labels, abstract params) of the stage-2 optimizer (query transformer + LLM)."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from mqt import config_lib, optim  # pylint: disable=import-outside-toplevel
+  from mqt.model import abstract_params  # pylint: disable=import-outside-toplevel
+  block = config_lib.stage_block(steps=1000, lr=2e-5, rules=config_lib.STAGE2_RULES,
+                                 matryoshka_kind="uniform", data=None)
+  abstract = nn.unbox(abstract_params(cfg)["params"])
+  tx, labels, _ = optim.make_optimizer(abstract, block.optim, 1000)
+  return tx, labels, abstract
+
+
+def param_counts(s: dict) -> dict:
+  """{"trainable", "total"} parameters of the jax side at shape s."""
+  _, labels, abstract = stage2_optimizer(model_config(s))
+  return common.param_counts(abstract, labels)
 
 
 def tokens(batch: int, text_len: int):
@@ -132,29 +149,13 @@ def tokens(batch: int, text_len: int):
   return ids, labels
 
 
-def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict:
-  """Best float32 n^3 matmul rates (FLOP/s) of jax and torch in this process."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
-  out = {}
-  f = jax.jit(lambda x: x @ x)
-  x = jnp.asarray(a)
-  f(x).block_until_ready()
-  best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
-  out["jax"] = 2 * n ** 3 / best
-  t = torch.from_numpy(a)
-  torch.mm(t, t)
-  best = min(_timed(lambda: torch.mm(t, t)) for _ in range(repeats))
-  out["torch"] = 2 * n ** 3 / best
-  return out
-
-
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+def matmul_peaks(s: dict, rows: int, repeats: int = 5) -> dict:
+  """Best float32 matmul rates (FLOP/s) in this process at the shape's matmuls of `rows`
+  tokens and 2048^3: {"jax", "numpy", "torch": best rate, "rates": every rate}."""
+  backends = ("jax", "numpy", "torch")
+  rates = common.matmul_rates(common.model_shapes(model_config(s), rows), repeats, backends)
+  out = {b: max(x["flops_per_s"] for x in rates if x["backend"] == b) for b in backends}
+  return {**out, "rates": rates}
 
 
 # ---------------------------------------------------------------------------
@@ -167,15 +168,13 @@ def jax_step(s: dict, batch: int, text_len: int, buckets: bool):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from mqt import config_lib, matryoshka, optim  # pylint: disable=import-outside-toplevel
-  from mqt.model import IGNORE, MQTLLaVA, abstract_params  # pylint: disable=import-outside-toplevel
-  from mqt.train import make_train_step  # pylint: disable=import-outside-toplevel
+  from mqt import matryoshka  # pylint: disable=import-outside-toplevel
+  from mqt.model import IGNORE, MQTLLaVA  # pylint: disable=import-outside-toplevel
+  from mqt.params import state_initializer  # pylint: disable=import-outside-toplevel
+  from mqt.train_step import make_train_step  # pylint: disable=import-outside-toplevel
   cfg = model_config(s)
   model = MQTLLaVA(cfg)
-  block = config_lib.stage_block(steps=1000, lr=2e-5, rules=config_lib.STAGE2_RULES,
-                                 matryoshka_kind="uniform", data=None)
-  abstract = nn.unbox(abstract_params(cfg)["params"])
-  tx, labels, _ = optim.make_optimizer(abstract, block.optim, 1000)
+  tx, labels, _ = stage2_optimizer(cfg)
   ids, lab = tokens(batch, text_len)
   size = cfg.vision.image_size
   images = np.random.default_rng(1).normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -184,9 +183,7 @@ def jax_step(s: dict, batch: int, text_len: int, buckets: bool):
        "labels": np.where(lab < 0, IGNORE, lab).astype(np.int32)}
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), images[:1], b["input_ids"][:1],
                                                b["text_mask"][:1], 1))["params"])()
-  trainable, _ = optim.partition(params, labels)
-  state = {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-           "rng": jax.random.PRNGKey(0)}
+  state = state_initializer(tx, labels)(params)
   sizes = matryoshka.pow2_buckets(s["M"]) if buckets else (s["M"],)
   sampler = matryoshka.MSampler("uniform", s["M"], buckets=sizes)
   steps = {n: jax.jit(make_train_step(model, tx, labels, 1, num_latents=n),
@@ -220,7 +217,9 @@ def run_jax(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
   return times
 
 
-def run_torch(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
+def torch_modules(s: dict):
+  """(torch, tests.torch_reference, HF CLIP, HF LLaMA, the reference query transformer)
+  at shape s, built in that order after seeding torch with 0."""
   import torch  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from transformers import CLIPVisionModel, LlamaForCausalLM
@@ -228,8 +227,14 @@ def run_torch(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
   from tests import torch_reference as ref  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   clip_cfg, llm_cfg = hf_configs(s)
-  clip, llm = CLIPVisionModel(clip_cfg), LlamaForCausalLM(llm_cfg)
+  clip = CLIPVisionModel(clip_cfg)
+  llm = LlamaForCausalLM(llm_cfg)
   query = ref.RefQueryTransformer(s["v_width"], s["q_heads"], s["width"], s["M"])
+  return torch, ref, clip, llm, query
+
+
+def run_torch(s: dict, ms: list[int], batch: int, text_len: int) -> list[float]:
+  torch, ref, clip, llm, query = torch_modules(s)
   with torch.no_grad():
     for p in query.parameters():
       p.normal_(0, 0.02)
@@ -291,8 +296,8 @@ def run_jax_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) ->
     for m in prefill_ms(s):
       calls[f"{batch}/{m}"] = (lambda a=args, m=m: fn(model, params, *a, m,
                                                       max_new_tokens=max_new, num_latents=m))
-  return _time_rounds({k: (lambda c=c: jax.block_until_ready(c())) for k, c in calls.items()},
-                      runs)
+  return common.time_rounds(
+      {k: (lambda c=c: jax.block_until_ready(c())) for k, c in calls.items()}, runs)
 
 
 def run_torch_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) -> dict:
@@ -300,15 +305,8 @@ def run_torch_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) 
   transformer over m latents, LLaVA's splice, HF LLaMA with its cache and the last
   position's logits."""
   del max_new  # HF's dynamic cache holds exactly the prompt.
-  import torch  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from transformers import CLIPVisionModel, LlamaForCausalLM
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from tests import torch_reference as ref  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  clip_cfg, llm_cfg = hf_configs(s)
-  clip, llm = CLIPVisionModel(clip_cfg).eval(), LlamaForCausalLM(llm_cfg).eval()
-  query = ref.RefQueryTransformer(s["v_width"], s["q_heads"], s["width"], s["M"]).eval()
+  torch, _, clip, llm, query = torch_modules(s)
+  clip, llm, query = clip.eval(), llm.eval(), query.eval()
   embed = llm.get_input_embeddings()
 
   def prefill(pixels, ids, m):
@@ -325,23 +323,12 @@ def run_torch_prefill(s: dict, batches, runs: int, text_len: int, max_new: int) 
     ids_t = torch.from_numpy(ids)
     for m in prefill_ms(s):
       calls[f"{batch}/{m}"] = lambda p=pixels, i=ids_t, m=m: prefill(p, i, m)
-  return _time_rounds(calls, runs)
-
-
-def _time_rounds(calls: dict, runs: int) -> dict:
-  """Warms every call once, then times each once per round over `runs` rounds."""
-  for c in calls.values():
-    c()
-  times = {k: [] for k in calls}
-  for _ in range(runs):
-    for k, c in calls.items():
-      times[k].append(_timed(c))
-  return times
+  return common.time_rounds(calls, runs)
 
 
 def child() -> None:
   s = SHAPES[_SHAPE.value]
-  peaks = matmul_peaks()
+  peaks = matmul_peaks(s, _BATCH.value * (_TEXT.value + s["M"] - 1))
   if _KIND.value == "prefill":
     run = run_jax_prefill if _SIDE.value == "jax" else run_torch_prefill
     times = run(s, [int(b) for b in _PREFILL_BATCHES.value], _PREFILL_RUNS.value,
@@ -357,13 +344,6 @@ def child() -> None:
 # ---------------------------------------------------------------------------
 # The driver.
 
-def _cpu_jiffies():
-  with open("/proc/stat") as f:
-    parts = [int(x) for x in f.readline().split()[1:]]
-  idle = parts[3] + parts[4]
-  return sum(parts) - idle, sum(parts)
-
-
 def spawn(side: str, shape: str, round_: int, kind: str = "step") -> dict:
   """Runs one side in a fresh process; -> its result plus `others` (the share of the
   machine's CPU other processes used meanwhile)."""
@@ -377,49 +357,47 @@ def spawn(side: str, shape: str, round_: int, kind: str = "step") -> dict:
          f"--buckets={_BUCKETS.value}", f"--prefill_runs={_PREFILL_RUNS.value}",
          f"--prefill_batches={','.join(_PREFILL_BATCHES.value)}",
          f"--max_new_tokens={_MAX_NEW.value}"]
-  busy0, total0 = _cpu_jiffies()
-  own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  before = common.snapshot(ref_s=0.0)  # CPU counters only; the child's time is ours.
   proc = subprocess.run(cmd, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
-  busy1, total1 = _cpu_jiffies()
-  own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  after = common.snapshot(ref_s=0.0)
   if proc.returncode:
     raise RuntimeError(f"{side} {shape} failed:\n{proc.stderr[-3000:]}")
   line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
   out = json.loads(line[len("RESULT "):])
-  tick = os.sysconf("SC_CLK_TCK")
-  own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
-  others = max(0.0, (busy1 - busy0) / tick - own) / max((total1 - total0) / tick, 1e-9)
-  out["others"] = others
+  out["others"] = common.others_share(before, after) or 0.0
   return out
 
 
-def _rounds(shape: str, kind: str) -> tuple[dict, list[float], list[str]]:
-  """Runs both sides --rounds times, alternating which goes first."""
+def _rounds(shape: str, kind: str) -> tuple[dict, dict, list[str]]:
+  """Runs both sides --rounds times, alternating which goes first; -> (results, the
+  best matmul rate of the run (`common.pick_peak`), busy flags)."""
   results, peaks, flagged = {"jax": [], "torch": []}, [], []
   for r in range(_ROUNDS.value):
     for side in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
       out = spawn(side, shape, r, kind)
       results[side].append(out)
-      peaks.append(max(out["peaks"].values()))
-      if out["others"] > 0.10:
+      peaks.append(common.pick_peak(out["peaks"]["rates"]))
+      if out["others"] > common.OTHERS_TOLERANCE:
         flagged.append(f"round {r} {side}: other processes used {out['others']:.0%} of the CPU")
       took = (f"median step {np.median(out['times']) * 1e3:.1f} ms" if kind == "step" else
               "prefill " + ", ".join(f"{k} {np.median(v) * 1e3:.1f} ms"
                                      for k, v in out["prefill"].items()))
       print(f"  {shape} {kind} round {r} {side}: {took}, others {out['others']:.1%}, peaks "
-            + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in out["peaks"].items()) + " GFLOP/s",
-            flush=True)
-  if min(peaks) < 0.9 * max(peaks):
-    flagged.append(f"the matmul peak moved from {min(peaks) / 1e9:.0f} to "
-                   f"{max(peaks) / 1e9:.0f} GFLOP/s")
-  return results, peaks, flagged
+            + ", ".join(f"{b} {out['peaks'][b] / 1e9:.0f}" for b in ("jax", "numpy", "torch"))
+            + " GFLOP/s", flush=True)
+  rates = [p["flops_per_s"] for p in peaks]
+  if min(rates) < 0.9 * max(rates):
+    flagged.append(f"the matmul peak moved from {min(rates) / 1e9:.0f} to "
+                   f"{max(rates) / 1e9:.0f} GFLOP/s")
+  return results, max(peaks, key=lambda p: p["flops_per_s"]), flagged
 
 
 def step_row(shape: str) -> dict:
   s = SHAPES[shape]
-  results, peaks, flagged = _rounds(shape, "step")
-  row = {"shape": shape, "peak": max(peaks), "busy": flagged}
+  results, peak, flagged = _rounds(shape, "step")
+  row = {"shape": shape, "peak": peak["flops_per_s"], "peak_label": peak["label"],
+         "busy": flagged, "params": param_counts(s)}
   for side in ("jax", "torch"):
     times = [t for out in results[side] for t in out["times"]]
     ms = [m for out in results[side] for m in out["ms"]]
@@ -431,22 +409,54 @@ def step_row(shape: str) -> dict:
 
 
 def prefill_rows(shape: str) -> tuple[list[dict], list[str]]:
-  """One row per (batch, m): both sides' median latency and the FLOP ratio to m = M."""
-  from mqt import flops  # pylint: disable=import-outside-toplevel
+  """One row per (batch, m): both sides' median latency and MFU, the FLOP ratio to m = M."""
   s = SHAPES[shape]
-  results, _, flagged = _rounds(shape, "prefill")
+  results, peak, flagged = _rounds(shape, "prefill")
   cfg = model_config(s)
   med = {side: {k: float(np.median([t for out in results[side] for t in out["prefill"][k]]))
                 for k in results[side][0]["prefill"]} for side in results}
   rows = []
   for key in med["jax"]:
     batch, m = (int(x) for x in key.split("/"))
-    fl = lambda n: flops.flops_per_m(cfg, _TEXT.value, n, _MAX_NEW.value, batch=batch)["prefill"]
+    fl = lambda n: common.model_flops(cfg, _TEXT.value, n, batch)["total"]
     full = f"{batch}/{s['M']}"
     rows.append({"shape": shape, "batch": batch, "m": m, "jax_s": med["jax"][key],
                  "torch_s": med["torch"][key], "lat_ratio": med["jax"][key] / med["jax"][full],
-                 "flop_ratio": fl(m) / fl(s["M"]), "gflop": fl(m) / 1e9})
+                 "flop_ratio": fl(m) / fl(s["M"]), "gflop": fl(m) / 1e9,
+                 "jax_mfu": fl(m) / med["jax"][key] / peak["flops_per_s"],
+                 "torch_mfu": fl(m) / med["torch"][key] / peak["flops_per_s"],
+                 "peak": peak["flops_per_s"], "peak_label": peak["label"]})
   return rows, flagged
+
+
+def print_steps(steps) -> None:
+  print(f"\n{'shape':<8}{'trainable/total params':>24}{'jax ms':>10}{'torch ms':>10}"
+        f"{'jax/torch':>11}{'GFLOP/step':>12}{'jax MFU':>9}{'torch MFU':>11}"
+        f"{'peak GFLOP/s':>14}  peak")
+  for row in steps:
+    j, t, n = row["jax"], row["torch"], row["params"]
+    counts = f"{n['trainable']:,}/{n['total']:,}"
+    print(f"{row['shape']:<8}{counts:>24}"
+          f"{j['step_s'] * 1e3:>10.1f}{t['step_s'] * 1e3:>10.1f}"
+          f"{j['step_s'] / t['step_s']:>11.2f}{j['gflop_per_step']:>12.2f}{j['mfu']:>9.1%}"
+          f"{t['mfu']:>11.1%}{row['peak'] / 1e9:>14.0f}  {row['peak_label']}")
+  print(f"FLOPs: {common.CONVENTION} at each step's m (bench/common.py: query transformer + "
+        "LLM 3x forward, frozen vision forward only, causal attention halved); MFU against "
+        "the best float32 matmul of jax, numpy or torch measured in the run (peak).")
+
+
+def print_prefills(prefills) -> None:
+  print(f"\n{'shape':<8}{'batch':>6}{'m':>4}{'jax ms':>9}{'torch ms':>10}{'jax/torch':>11}"
+        f"{'GFLOP':>8}{'jax MFU':>9}{'torch MFU':>11}{'lat/lat(M)':>12}{'FLOP/FLOP(M)':>14}"
+        f"{'off by':>8}")
+  for r in prefills:
+    print(f"{r['shape']:<8}{r['batch']:>6}{r['m']:>4}{r['jax_s'] * 1e3:>9.2f}"
+          f"{r['torch_s'] * 1e3:>10.2f}{r['jax_s'] / r['torch_s']:>11.2f}{r['gflop']:>8.2f}"
+          f"{r['jax_mfu']:>9.1%}{r['torch_mfu']:>11.1%}{r['lat_ratio']:>12.2f}"
+          f"{r['flop_ratio']:>14.2f}{r['lat_ratio'] / r['flop_ratio'] - 1:>+8.0%}")
+  print("Prefill: the vision tower, the query transformer at m and the LLM over T + m - 1 "
+        f"positions with its cache, last position's logits; FLOPs: {common.CONVENTION}, "
+        "forward. off by: the jax latency ratio to m = M over the FLOP ratio, minus 1.")
 
 
 def main(argv):
@@ -456,6 +466,7 @@ def main(argv):
     torch.set_num_threads(_THREADS.value or os.cpu_count())
     child()
     return
+  watch = common.MachineWatch().start()
   print(f"{os.cpu_count()} CPUs; batch {_BATCH.value}, {_TEXT.value} text tokens, "
         f"{_ROUNDS.value} rounds x {_STEPS.value} timed steps per side; jax step "
         f"{'in power-of-two m buckets' if _BUCKETS.value else 'over all M slots'}", flush=True)
@@ -468,30 +479,15 @@ def main(argv):
       rows, flagged = prefill_rows(shape)
       prefills += rows
       busy += [f"{shape} prefill: {x}" for x in flagged]
+  record = watch.stop()
   if steps:
-    print(f"\n{'shape':<8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}{'GFLOP/step':>12}"
-          f"{'jax MFU':>9}{'torch MFU':>11}{'peak GFLOP/s':>14}")
-    for row in steps:
-      j, t = row["jax"], row["torch"]
-      print(f"{row['shape']:<8}{j['step_s'] * 1e3:>10.1f}{t['step_s'] * 1e3:>10.1f}"
-            f"{j['step_s'] / t['step_s']:>11.2f}{j['gflop_per_step']:>12.2f}{j['mfu']:>9.1%}"
-            f"{t['mfu']:>11.1%}{row['peak'] / 1e9:>14.0f}")
-    print("FLOPs: model FLOPs at each step's m (matmuls, multiply-add = 2; frozen vision "
-          "forward once, query transformer + LLM x3); MFU against the best float32 matmul "
-          "of jax or torch measured here.")
+    print_steps(steps)
   if prefills:
-    print(f"\n{'shape':<8}{'batch':>6}{'m':>4}{'jax ms':>9}{'torch ms':>10}{'jax/torch':>11}"
-          f"{'GFLOP':>8}{'lat/lat(M)':>12}{'FLOP/FLOP(M)':>14}{'off by':>8}")
-    for r in prefills:
-      print(f"{r['shape']:<8}{r['batch']:>6}{r['m']:>4}{r['jax_s'] * 1e3:>9.2f}"
-            f"{r['torch_s'] * 1e3:>10.2f}{r['jax_s'] / r['torch_s']:>11.2f}{r['gflop']:>8.2f}"
-            f"{r['lat_ratio']:>12.2f}{r['flop_ratio']:>14.2f}"
-            f"{r['lat_ratio'] / r['flop_ratio'] - 1:>+8.0%}")
-    print("Prefill: the vision tower, the query transformer at m and the LLM over T + m - 1 "
-          "positions with its cache, last position's logits; FLOPs by mqt.flops (matmuls). "
-          "off by: the jax latency ratio to m = M over the FLOP ratio, minus 1.")
-  for line in busy:
-    print(f"busy: {line}")
+    print_prefills(prefills)
+  if busy and not record["busy"]:
+    record.update(busy=True, verdict="busy machine")
+  record["busy_reasons"] += busy
+  common.finish(record, _JSON(), steps=steps, prefill=prefills)
 
 
 if __name__ == "__main__":

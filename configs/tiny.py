@@ -2,19 +2,19 @@ r"""A CPU-sized MQT-LLaVA: the project's built-in default.
 
   python train.py --config=configs/tiny.py --workdir=/tmp/mqt_tiny
 
-About 7 minutes on two CPU cores, data preparation and the evaluation included.
-Same structure as configs/mqt_llava.py (CLIP-style tower, the official query
-transformer, LLaMA decoder with grouped-query attention) at toy size: 72 px
-images in 24 px patches, M = 9 latents, a 2-layer LLM of width 128.
+About 7 minutes and 1.8 GiB on two CPU cores, data preparation and the evaluation
+included. Same structure as configs/mqt_llava.py (CLIP-style tower, the official query
+transformer, LLaMA decoder with grouped-query attention) at toy size: 72 px images in
+24 px patches, M = 9 latents, a 2-layer LLM of width 128.
 Knobs after `:`: variant (official|perceiver); train_query (true|false: false
 freezes the query transformer in stage 2, so only the LLM learns under random m).
 
 Stage 1 (900 steps, captions, m = M) trains everything; stage 2 (2,000 steps,
 one question per sample, m uniform over 1..M each step) trains the query
 transformer and a fresh LLM, the tower frozen. No latent starts tied to an image
-region. Headline (README, bench/compare_m.py): at m = 1 the model answers as well
-as at m = 9 (0.86 mean held-out accuracy over the learnt question types), where the
-same recipe at fixed m = M, truncated, loses 16 points.
+region. Headline (`python -m bench.compare_m`, the README's first table): at m = 1 the
+model answers as well as at m = 9 (0.86 mean held-out accuracy over the learnt question
+types), where the same recipe at fixed m = M, truncated, loses 16 points.
 
 What differs from the paper, and why: the towers start random (no CLIP, no
 Vicuna), so the tower and the LLM train in stage 1; stage 2 starts the LLM afresh
@@ -32,7 +32,6 @@ from mqt import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   knobs = config_lib.parse_knobs(arg, variant="official", train_query=True)
   config = ml_collections.ConfigDict()
-  config.stage = 2
 
   config.model = ml_collections.ConfigDict()
   m = config.model

@@ -326,7 +326,3 @@ def make_dataset(source, cfg: PipelineConfig, start_step: int = 0) -> grain.Iter
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   return ds
-
-
-def steps_per_epoch(source, cfg: PipelineConfig) -> int:
-  return BatchPlan(source.has_image, cfg).batches_per_epoch

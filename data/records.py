@@ -21,8 +21,8 @@ import os
 from typing import Callable, Iterable, NamedTuple
 
 from data import images as images_lib
+from data import paths
 from data import templates
-from mqt import paths
 
 # Stable keys (they are stored in prepared datasets and checkpoints) -> what they mean.
 REASONS = {

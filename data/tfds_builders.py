@@ -2,7 +2,7 @@
 
   LlavaConversations  a LLaVA conversation JSON + image folder; one builder
                       config per user dataset (its name chosen at prepare time).
-  MqtSynthetic        the built-in synthetic dataset (data/synthetic.py):
+  MqtSynthetic        the built-in synthetic dataset (data/synthetic/):
                       splits `captions` (stage 1), `instruct` (stage 2), `eval`.
 
 Records store the encoded image file bytes as they are (JPEG, PNG, ...), the
@@ -120,6 +120,8 @@ class LlavaConversations(_Builder):
 
 class MqtSynthetic(_Builder):
   """The built-in synthetic scenes (data/synthetic.py), encoded as PNG."""
+  # The docstring is the prepared set's description in dataset_info.json: kept as it was
+  # (the generator is now the package data/synthetic/) so that the files stay the same.
 
   VERSION = tfds.core.Version("1.0.0")
 

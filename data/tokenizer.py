@@ -31,9 +31,9 @@ import sys
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from data import paths
 from data import records as records_lib
 from data import sources
-from mqt import paths
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,10 @@ older one restores (`restore_latest`). A failed write (disk full, file-size
 limit) becomes one `CheckpointWriteError` naming the step, the folder, the
 system's reason and the last good checkpoint; orbax's own error reports of it
 (logged from its background threads) are held back.
+
+The params alone (another stage's or run's, for init_from or export) are read with
+`restore_params` (any subset of leaves, onto the target shardings or into host
+memory); `latest_step` and `params_metadata` say what a folder holds without reading it.
 """
 import logging as py_logging
 import os
@@ -135,9 +139,6 @@ class Checkpointer:
     self._hold.install()
 
   # -- What is on disk.
-
-  def latest_step(self):
-    return self.manager.latest_step()
 
   def step_path(self, step: int) -> str:
     return paths.join(self.directory, str(step))
@@ -317,6 +318,56 @@ class Checkpointer:
     self._hold.held.clear()
 
 
-def abstract_like(tree):
-  """Concrete (sharded) arrays -> ShapeDtypeStructs with the same shardings."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+# ---------------------------------------------------------------------------
+# The params of a checkpoint on their own (a later stage's or run's init_from, export).
+
+def all_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints folder `directory`, oldest first ([] when it holds none
+  or does not exist); nothing is created."""
+  if not paths.isdir(directory):
+    return []
+  with ocp.CheckpointManager(paths.absolute(directory),
+                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    return sorted(manager.all_steps())
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest step of the checkpoints folder `directory`; None when it holds none (or
+  does not exist)."""
+  if not paths.isdir(directory):
+    return None
+  with ocp.CheckpointManager(paths.absolute(directory)) as manager:
+    return manager.latest_step()
+
+
+def params_metadata(directory: str, step: int):
+  """The metadata tree of the params saved at `step` (leaves with .shape and .dtype), read
+  without the values; None when that step's state holds no params."""
+  with ocp.CheckpointManager(paths.absolute(directory),
+                             item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    meta = manager.item_metadata(step)["state"]
+  tree = getattr(meta, "tree", meta)
+  return tree.get("params") if isinstance(tree, dict) else None
+
+
+def restore_params(directory: str, target, step: int | None = None):
+  """The params of checkpoint `step` (None: the newest) in the folder `directory`, only
+  the leaves `target` has (a partial restore): `target` is the params tree, or a subtree
+  (e.g. {"vision": ..., "query": ...}), of ShapeDtypeStructs; -> a tree like it. A leaf
+  with a sharding is read straight onto its devices, whatever topology saved it; one
+  without (sharding None) comes back as a host numpy array. Each is cast on read to its
+  target dtype. Raises CheckpointRestoreError (a ValueError) when the folder does not
+  exist or holds no checkpoint."""
+  if not paths.isdir(directory):
+    raise CheckpointRestoreError(f"init_from checkpoint directory {directory} does not exist")
+  with ocp.CheckpointManager(paths.absolute(directory)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointRestoreError(f"no checkpoint in {directory}")
+    item = {"params": target}
+    # restore_args carry the target shardings (without them orbax keeps the saved placement).
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  return out["state"]["params"]

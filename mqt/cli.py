@@ -84,7 +84,7 @@ class Problems:
 
 def problem_lines(error: BaseException) -> list[str]:
   """An error's message -> its problems: the indented lines under a "...:" header line
-  (as mqt.train.check_paths and mqt.inference.resolve_paths write them), else the
+  (as mqt.run_inputs.check_paths and mqt.run_inputs.resolve_paths write them), else the
   message itself."""
   lines = [x for x in str(error).splitlines() if x.strip()]
   if len(lines) > 1 and lines[0].rstrip().endswith(":"):

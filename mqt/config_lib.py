@@ -6,6 +6,8 @@ An unknown knob or a value of the wrong type is an error that names it.
 """
 import ml_collections
 
+from mqt.benchmarks import registry
+
 
 def parse_knobs(arg: str | None, **defaults):
   """Parses "k=v,k2=v2" into a ConfigDict over `defaults` (types from defaults)."""
@@ -153,18 +155,12 @@ STAGE2_RULES = (("^query/", 1.0), ("^llm/", 1.0), ("^vision/", None))
 
 
 def benchmark_paths():
-  """Where each published benchmark's files are (users supply them; see mqt/scorers.py).
-  Empty paths of pope / scienceqa / vqav2 / gqa mean the built-in synthetic versions."""
+  """Where each published benchmark's files are (users supply them): one block per
+  benchmark of mqt/benchmarks/registry.py that reads files, with the fields its module
+  declares (and describes). `--benchmarks=builtin` reads the built-in synthetic versions
+  instead."""
   c = ml_collections.ConfigDict
-  return c(dict(
-      scienceqa=c(dict(problems="", pid_splits="", image_folder="")),
-      pope=c(dict(folder="", image_folder="")),  # *pope_{random,popular,adversarial}.json
-      mme=c(dict(root="")),
-      gqa=c(dict(questions="", image_folder="")),
-      vqav2=c(dict(questions="", annotations="", image_folder="")),
-      textvqa=c(dict(json="", image_folder="")),
-      vizwiz=c(dict(json="", image_folder="")),
-      mmbench=c(dict(tsv="", circular=True))))
+  return c({name: c(fields) for name, fields in registry.config_fields().items()})
 
 
 def run_block(config):

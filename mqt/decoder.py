@@ -22,20 +22,15 @@ from mqt import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(layers.StackConfig):
+  """The LLM; `width`, `depth`, `heads` and `mlp_dim` are `layers.StackConfig`'s."""
   vocab_size: int = 32000
-  width: int = 4096
-  depth: int = 32
-  heads: int = 32
   kv_heads: int = 32
   head_dim: int = 128
-  mlp_dim: int = 11008
   rms_eps: float = 1e-5
   rope_theta: float = 10000.0
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_no_batch | nothing
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -68,7 +63,7 @@ class LlamaBlock(nn.Module):
   def __call__(self, x, positions, mask, cache, cache_index):
     """x [B, T, D] -> (x [B, T, D], new cache {"k","v": [B, S, K, H]} or None)."""
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = c.kw
     b, t, d = x.shape
     x = layers.constrain(x)
     # Dense layers and norms see rows [B*T, D]: on the CPU, a weight gradient of a
@@ -76,9 +71,11 @@ class LlamaBlock(nn.Module):
     # MLP's backward ran at half the speed of the same layers on flat rows).
     x = x.reshape(b * t, d)
     h = layers.RMSNorm(c.rms_eps, name="input_layernorm", **kw)(x)
-    q = layers.dense(c.heads * c.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **kw)(h)
-    k = layers.dense(c.kv_heads * c.head_dim, ("embed", "kv"), use_bias=False, name="k_proj", **kw)(h)
-    v = layers.dense(c.kv_heads * c.head_dim, ("embed", "kv"), use_bias=False, name="v_proj", **kw)(h)
+    proj = lambda heads, names, name: layers.dense(
+        heads * c.head_dim, names, use_bias=False, name=name, **kw)(h)
+    q = proj(c.heads, ("embed", "heads"), "q_proj")
+    k = proj(c.kv_heads, ("embed", "kv"), "k_proj")
+    v = proj(c.kv_heads, ("embed", "kv"), "v_proj")
     q = rope(q.reshape(b, t, c.heads, c.head_dim), positions, c.rope_theta)
     k = rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
     v = v.reshape(b, t, c.kv_heads, c.head_dim)
@@ -102,7 +99,7 @@ class LlamaDecoder(nn.Module):
 
   def setup(self):
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = c.kw
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.width, embedding_init=layers.logical(
             nn.initializers.normal(0.02), ("vocab", "embed")), name="embed_tokens", **kw)

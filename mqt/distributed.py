@@ -15,6 +15,7 @@ On CPUs the cross-process collectives are JAX's gloo implementation.
 import json
 import os
 
+from absl import logging
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -91,3 +92,10 @@ def allgather_json(obj) -> list:
   padded[:len(data)] = data
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def say(line: str) -> None:
+  """One line for the user: process 0 prints it, every process logs it."""
+  logging.info(line)
+  if jax.process_index() == 0:
+    print(line, flush=True)

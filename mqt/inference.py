@@ -1,7 +1,8 @@
 """Loading a trained model for inference, and answering questions at a chosen m.
 
 Shared by the evaluation sweep (mqt/evaluate.py) and the predict command
-(predict.py). Weights come from an orbax checkpoints folder written by
+(predict.py); parameters come through mqt/params.py, paths through mqt/run_inputs.py.
+Weights come from an orbax checkpoints folder written by
 train.py (default: the last stage of `--workdir`), or, with
 `checkpoint="hf"`, from the HF weights named in `config.init` (e.g. the
 released MQT-LLaVA-7B: `--config.init.kind=hf --config.init.mqt_llava=DIR`).
@@ -25,44 +26,18 @@ from flax import linen as nn
 from data import images as images_lib
 from data import templates
 from data import tokenizer as tokenizer_lib
+from mqt import cli
+from mqt import config_lib
 from mqt import convert
 from mqt import generate as gen
 from mqt import matryoshka
 from mqt import memory as mem_lib
 from mqt import paths as paths_lib
 from mqt import sharding as shard_lib
-from mqt import train
+from mqt import validate
+from mqt import params as params_lib
+from mqt import run_inputs
 from mqt.model import MQTLLaVA, ModelConfig, abstract_params, unbox_abstract
-
-
-def default_checkpoint(config, workdir: str) -> str:
-  stages = train.stages_to_run(config)
-  return paths_lib.join(workdir, f"stage{stages[-1] if stages else 2}", "checkpoints")
-
-
-def resolve_paths(config, workdir: str, checkpoint: str = "", need_tokenizer: bool = True
-                  ) -> tuple[str, str]:
-  """-> (checkpoint folder or "hf", tokenizer path); a ValueError lists every problem.
-  need_tokenizer=False: the tokenizer is neither checked nor needed."""
-  problems = []
-  checkpoint = checkpoint or default_checkpoint(config, workdir)
-  if checkpoint == "hf":
-    problems += train.hf_init_problems(config)
-  elif not paths_lib.isdir(checkpoint):
-    problems.append(f"checkpoint folder {checkpoint} does not exist (train first with "
-                    f"python train.py --workdir=..., or pass --checkpoint=DIR or =hf)")
-  tok = train.tokenizer_path(config, config.eval.data, workdir)
-  if need_tokenizer:
-    if config.tokenizer_path or config.eval.data.kind != "builtin":
-      problems.append(train.path_problem("tokenizer_path", config.tokenizer_path,
-                                         train.TOKENIZER_WHAT))
-    elif not paths_lib.isfile(tok):
-      problems.append(f"the built-in tokenizer {tok} does not exist (train.py writes it; or "
-                      f"set --config.tokenizer_path)")
-  problems = [p for p in problems if p]
-  if problems:
-    raise ValueError("cannot load the model:\n  " + "\n  ".join(problems))
-  return checkpoint, tok
 
 
 @dataclasses.dataclass
@@ -95,7 +70,8 @@ def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | No
   ("vision", "query")): only those parameter subtrees are read; without "llm" no
   tokenizer is loaded (Loaded.tokenizer is None)."""
   with_llm = components is None or "llm" in components
-  checkpoint, tok_path = resolve_paths(config, workdir, checkpoint, need_tokenizer=with_llm)
+  checkpoint, tok_path = run_inputs.resolve_paths(config, workdir, checkpoint,
+                                                 need_tokenizer=with_llm)
   model_cfg = model_cfg or model_config(config, checkpoint)
   tokenizer = tokenizer_lib.Tokenizer.load(tok_path) if with_llm else None
   if tokenizer is not None and tokenizer.vocab_size > model_cfg.llm.vocab_size:
@@ -106,12 +82,12 @@ def load(config, workdir: str, checkpoint: str = "", model_cfg: ModelConfig | No
   rules = tuple(config.sharding.logical_axis_rules)
   with _mesh_and_rules(mesh, rules):
     if checkpoint == "hf":
-      shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh, rules)
+      shardings = params_lib.param_shardings(model_cfg, mesh, rules)
       hf = config.copy_and_resolve_references()
       hf.init.kind = "hf"
-      params = train.fresh_params(hf, model_cfg, model, shardings, components)
+      params = params_lib.fresh_params(hf, model_cfg, model, shardings, components)
     else:
-      params = train.load_params(checkpoint, model_cfg, mesh, config, components)
+      params = params_lib.load_params(checkpoint, model_cfg, mesh, config, components)
   return Loaded(model_cfg, model, params, tokenizer, mesh, checkpoint,
                 config.eval.data.template, rules)
 
@@ -144,10 +120,13 @@ def load_images(paths, size: int) -> np.ndarray:
 
 
 class Answerer:
-  """Batched generation at one m, compiled ahead of time for fixed shapes."""
+  """Batched generation at one m, compiled ahead of time for fixed shapes.
+
+  timed=True also compiles the prompt pass alone, for `prefill_latency` (a second
+  program: only where latency is measured)."""
 
   def __init__(self, loaded: Loaded, m: int, batch_size: int, text_len: int,
-               sampling: gen.SamplingConfig, seed: int = 0):
+               sampling: gen.SamplingConfig, seed: int = 0, timed: bool = False):
     self.m = matryoshka.validate_m(m, loaded.model_cfg.query.num_queries)
     self.loaded, self.batch_size, self.text_len = loaded, batch_size, text_len
     self.sampling = sampling
@@ -163,12 +142,15 @@ class Answerer:
       options = compiler_options(loaded.model_cfg)
       self._generate = jax.jit(run).lower(loaded.params, *shapes, jax.ShapeDtypeStruct(
           (), jnp.int32)).compile(options)
-      self._prefill = jax.jit(first).lower(loaded.params, *shapes).compile(options)
+      self._prefill = (jax.jit(first).lower(loaded.params, *shapes).compile(options)
+                       if timed else None)
     self.compile_s = time.perf_counter() - t0
     self.generate_s, self.batches, self.tokens = 0.0, 0, 0
 
   def prefill_latency(self, images, ids, mask, repeats: int = 5) -> float:
     """Median seconds of the prompt pass on one batch (after a warm-up call)."""
+    if self._prefill is None:
+      raise ValueError("prefill_latency needs an Answerer built with timed=True")
     with self.loaded.context():
       jax.block_until_ready(self._prefill(self.loaded.params, images, ids, mask))
       times = []
@@ -294,7 +276,7 @@ def serving_memory(config, model_cfg: ModelConfig, m: int, batch_size: int, text
   m = matryoshka.validate_m(m, model_cfg.query.num_queries)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
   rules = tuple(config.sharding.logical_axis_rules)
-  abstract = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh, rules)
+  abstract = params_lib.abstract_sharded_params(model_cfg, mesh, rules)
   model = MQTLLaVA(model_cfg)
   with _mesh_and_rules(mesh, rules):
     compiled = jax.jit(_generate_fn(model, m, sampling, int(config.seed))).lower(
@@ -359,13 +341,10 @@ def load_problems(found, config, workdir: str, checkpoint: str, skip=(),
   """What would stop `load` (evaluate.py, predict.py), into `found` (a cli.Problems)
   before any weight is read: the data kinds, the config (`validate.config_problems`,
   less the fields under `skip`), the paths, and a checkpoint of another model."""
-  from mqt import cli  # pylint: disable=import-outside-toplevel
-  from mqt import config_lib  # pylint: disable=import-outside-toplevel
-  from mqt import validate  # pylint: disable=import-outside-toplevel
   found.check(config_lib.infer_data_kinds, config, cli.user_settings())
   config_found = validate.config_problems(config, skip=skip)
   found.add(config_found)
-  paths = found.check(resolve_paths, config, workdir, checkpoint, need_tokenizer)
+  paths = found.check(run_inputs.resolve_paths, config, workdir, checkpoint, need_tokenizer)
   if paths and paths[0] != "hf" and not config_found:
     found.check(lambda: found.add(validate.model_checkpoint_problems(
         paths[0], model_config(config, paths[0]), dtypes=cli.PARAM_DTYPE.value is None)))
@@ -375,7 +354,7 @@ def model_config(config, checkpoint: str) -> ModelConfig:
   """The model's architecture: from the config, or for HF weights (checkpoint="hf", their
   files present) from the checkpoint's config.json and tensor shapes as well
   (`convert.model_config_for_checkpoint`)."""
-  if checkpoint == "hf" and not train.hf_init_problems(config):
+  if checkpoint == "hf" and not params_lib.hf_init_problems(config):
     return convert.model_config_for_checkpoint(config)
   return ModelConfig.from_config(config.model)
 

@@ -8,6 +8,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
 `vocab`, `layers`, ...); one rule table (config `sharding.logical_axis_rules`)
 maps them to mesh axes.
 """
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -22,6 +23,24 @@ Dtype = Any
 # data axes (rule `batch`), positions and width whole (`length` and `act_embed`
 # map to no mesh axis; parameters' `embed` is on fsdp, which the batch holds).
 ACTIVATION = ("batch", "length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackConfig:
+  """What every model part's config has: a stack of `depth` blocks of width `width`,
+  `heads` attention heads and an MLP of width `mlp_dim`, computed in `dtype` with
+  parameters stored in `param_dtype`. Keyword-only; a subclass may give defaults."""
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def kw(self) -> dict:
+    """The dtypes as the layers take them: `dense(..., **cfg.kw)`."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 def logical(init, names: Sequence[str | None]):

@@ -7,6 +7,8 @@ import numpy as np
 
 from absl import logging
 
+from data import pipeline
+from data import records
 from mqt import paths
 
 
@@ -104,7 +106,6 @@ class StageRecord:
   @classmethod
   def start(cls, source, log=print) -> "StageRecord":
     """A fresh record for `source` (its `total` and the `problems` found on opening it)."""
-    from data import records  # pylint: disable=import-outside-toplevel
     record = cls(records.Ledger(source.total), log=log)
     record.add_problems(source.problems)
     return record
@@ -113,7 +114,6 @@ class StageRecord:
   def from_state(cls, state: dict, source, log=print) -> "StageRecord":
     """The record saved by `state()`; the source's own problems are counted again (each
     record once, so nothing doubles)."""
-    from data import records  # pylint: disable=import-outside-toplevel
     record = cls(records.Ledger.from_state(state["ledger"]), state["losses"], state["skipped"],
                  state["truncated"], log=log)
     record.add_problems(source.problems)
@@ -126,14 +126,12 @@ class StageRecord:
 
   def add_problems(self, problems) -> None:
     """Counts unused records (data.records.Problem); logs each new reason once."""
-    from data import records  # pylint: disable=import-outside-toplevel
     for problem in problems:
       if self.ledger.add(problem):
         self.log(records.skip_line(problem))
 
   def add_batch(self, batch: dict) -> None:
     """Counts a batch's skipped (by record and reason) and truncated rows."""
-    from data import pipeline  # pylint: disable=import-outside-toplevel
     self.skipped += int(batch["skipped"].sum())
     self.truncated += int(batch["truncated"].sum())
     self.add_problems(pipeline.batch_problems(batch))
@@ -142,7 +140,6 @@ class StageRecord:
     """Makes each process's record the whole run's (several processes each count their
     own rows): the ledgers united, the skipped and truncated rows summed. `gather(obj)`
     -> every process's obj: a collective, so every process calls this at the same step."""
-    from data import records  # pylint: disable=import-outside-toplevel
     mine = {"skipped": self.skipped - self._shared[0],
             "truncated": self.truncated - self._shared[1], "ledger": self.ledger.state()}
     parts = gather(mine)

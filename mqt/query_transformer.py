@@ -33,7 +33,8 @@ from mqt import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class QueryConfig:
+class QueryConfig(layers.StackConfig):
+  """The query transformer; it gives `layers.StackConfig`'s fields defaults."""
   variant: str = "official"  # official | perceiver
   num_queries: int = 256  # M; a square number (sin-cos grid).
   width: int = 1024  # Latent width = attention width (official: vision width).
@@ -59,8 +60,6 @@ class QueryConfig:
   # its own patch on a 3x3 grid (uniform: 0.11), and training does not sharpen
   # it. 0: the random shared init.
   spatial_init_gap: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @property
   def grid(self) -> int:
@@ -171,20 +170,37 @@ def _heads(x, h):
   return x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
 
 
-class OfficialQueryTransformer(nn.Module):
+class _QueryTransformer(nn.Module):
+  """What the variants share: the latents, their positions resized to the patch grid,
+  and the prefix mask; `_tokens` (a variant's) maps them to the visual tokens."""
   cfg: QueryConfig
 
   @nn.compact
   def __call__(self, features: jax.Array, m, num_latents: int | None = None):
     """features [B, P, Dv], m -> (tokens [B, n, D], mask [B, n]); n = num_latents or M."""
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     n = num_latents or c.num_queries
     b, p, _ = features.shape
     side = patch_grid(p)
     query, pos16 = _Latents(c, name="latents")(n)
-    pos_kv = resize_table(pos16, c.grid, side, side)  # [P, Dv]
-    q = layers.layer_norm(c.ln_eps, name="ln_q", **kw)(query + pos16[:n])
+    pos_kv = resize_table(pos16, c.grid, side, side)  # [P, Dq]
+    out = self._tokens(features, m, query + pos16[:n], pos_kv)
+    mask = prefix_mask(m, b, n)
+    return jnp.where(mask[..., None], out, 0), mask
+
+  def _tokens(self, features, m, latents, pos_kv) -> jax.Array:
+    """features [B, P, Dv], latents (queries plus positions) [n, Dq], the patches'
+    positions pos_kv [P, Dq] -> tokens [B, n, D] (before masking)."""
+    raise NotImplementedError
+
+
+class OfficialQueryTransformer(_QueryTransformer):
+
+  def _tokens(self, features, m, latents, pos_kv):
+    del m  # Latents never see each other: the first m outputs are the same for any m.
+    c, kw = self.cfg, self.cfg.kw
+    (b, p, _), n = features.shape, latents.shape[0]
+    q = layers.layer_norm(c.ln_eps, name="ln_q", **kw)(latents)
     k = layers.layer_norm(c.ln_eps, name="ln_k", **kw)(pos_kv)
     v = layers.layer_norm(c.ln_eps, name="ln_v", **kw)(features)
     init = nn.initializers.lecun_normal()
@@ -193,7 +209,7 @@ class OfficialQueryTransformer(nn.Module):
         raise ValueError(f"spatial_init_gap needs as many latents as patches; got M="
                          f"{c.num_queries} latents (n={n}) and {p} patches")
       kernel = grid_position_kernel(layers.sincos_2d(c.width, c.grid), c.heads,
-                                       c.spatial_init_gap, c.ln_eps)  # pos16's init value.
+                                    c.spatial_init_gap, c.ln_eps)  # pos16's init value.
       init = lambda _, shape, dtype: jnp.asarray(kernel, dtype)
     elif c.spatial_init and self.is_initializing():
       shared = self.make_rng("params")
@@ -212,9 +228,7 @@ class OfficialQueryTransformer(nn.Module):
     proj = self.param("proj", layers.logical(nn.initializers.normal(c.out_dim ** -0.5),
                                              ("embed", "llm_embed")),
                       (c.width, c.out_dim), c.param_dtype)
-    out = o @ proj.astype(o.dtype)
-    mask = prefix_mask(m, b, n)
-    return jnp.where(mask[..., None], out, 0), mask
+    return o @ proj.astype(o.dtype)
 
 
 class _PerceiverBlock(nn.Module):
@@ -224,7 +238,7 @@ class _PerceiverBlock(nn.Module):
   def __call__(self, x, kv_k, kv_v, self_mask):
     """x [B, n, Dq]; kv_k, kv_v [B, P, Dq]; self_mask [B, 1, n, n]."""
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = c.kw
     proj = lambda name, names=("embed", "heads"): layers.dense(
         c.width, names, use_bias=True, name=name, **kw)
     h = layers.layer_norm(c.ln_eps, name="ln_cross", **kw)(x)
@@ -243,24 +257,15 @@ class _PerceiverBlock(nn.Module):
     return x + h
 
 
-class PerceiverQueryTransformer(nn.Module):
-  cfg: QueryConfig
+class PerceiverQueryTransformer(_QueryTransformer):
 
-  @nn.compact
-  def __call__(self, features: jax.Array, m, num_latents: int | None = None):
-    """features [B, P, Dv], m -> (tokens [B, n, D], mask [B, n]); n = num_latents or M."""
-    c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    n = num_latents or c.num_queries
-    b, p, _ = features.shape
-    side = patch_grid(p)
-    query, pos16 = _Latents(c, name="latents")(n)
+  def _tokens(self, features, m, latents, pos_kv):
+    c, kw = self.cfg, self.cfg.kw
+    b, n = features.shape[0], latents.shape[0]
     feats = layers.dense(c.width, ("vis_embed", "embed"), use_bias=True, name="in_proj", **kw)(
         features)
-    pos_kv = resize_table(pos16, c.grid, side, side).astype(feats.dtype)
-    kv_k = layers.layer_norm(c.ln_eps, name="ln_k", **kw)(feats + pos_kv[None])
+    kv_k = layers.layer_norm(c.ln_eps, name="ln_k", **kw)(feats + pos_kv.astype(feats.dtype)[None])
     kv_v = layers.layer_norm(c.ln_eps, name="ln_v", **kw)(feats)
-    mask = prefix_mask(m, b, n)
     if c.latent_attention == "prefix":
       # Latent i sees latents j < m. m is clamped to >= 1 so that rows of an
       # image-less sample (m = 0) never see an empty key set.
@@ -269,12 +274,11 @@ class PerceiverQueryTransformer(nn.Module):
       self_mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
     else:
       raise ValueError(f"unknown latent_attention {c.latent_attention!r} (prefix | causal)")
-    x = jnp.broadcast_to((query + pos16[:n]).astype(feats.dtype)[None], (b, n, c.width))
+    x = jnp.broadcast_to(latents.astype(feats.dtype)[None], (b, n, c.width))
     for i in range(c.depth):
       x = _PerceiverBlock(c, name=f"blocks_{i}")(x, kv_k, kv_v, self_mask)
     x = layers.layer_norm(c.ln_eps, name="ln_out", **kw)(x)
-    out = layers.dense(c.out_dim, ("embed", "llm_embed"), use_bias=False, name="proj", **kw)(x)
-    return jnp.where(mask[..., None], out, 0), mask
+    return layers.dense(c.out_dim, ("embed", "llm_embed"), use_bias=False, name="proj", **kw)(x)
 
 
 def make_query_transformer(cfg: QueryConfig, name: str = "query") -> nn.Module:

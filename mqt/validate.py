@@ -9,15 +9,20 @@ list means nothing was found. The entry points (train.py, evaluate.py, predict.p
 collect these lines with their own command-line checks and report them all at once.
 """
 
+import jax
 import numpy as np
+from flax import linen as nn
 
 from data import images as images_lib
+from data import sources
 from data import templates as templates_lib
+from mqt import checkpoint as ckpt_lib
 from mqt import config_lib
 from mqt import distributed
 from mqt import matryoshka
 from mqt import paths
 from mqt import sharding as shard_lib
+from mqt.model import ModelConfig, abstract_params
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUERY_VARIANTS = ("official", "perceiver")  # mqt/query_transformer.py's variants.
@@ -85,7 +90,6 @@ def _model_problems(config) -> list[str]:
   problems += _choice(config, "model.query.variant", QUERY_VARIANTS)
   problems += _int_at_least(config, "model.query.num_queries", 1, " (M, the most visual tokens)")
   if not problems and _get(config, "model", None) is not None:
-    from mqt.model import ModelConfig  # pylint: disable=import-outside-toplevel
     try:
       ModelConfig.from_config(config.model)
     except (ValueError, TypeError) as e:
@@ -201,7 +205,6 @@ def _device_count(config, devices) -> int | None:
   if devices is None:
     if distributed.wanted(config):
       return None  # Known only after jax.distributed.initialize().
-    import jax  # pylint: disable=import-outside-toplevel
     return jax.device_count()
   return devices if _is_int(devices) else len(devices)
 
@@ -297,34 +300,23 @@ def checkpoint_params_metadata(directory: str) -> tuple[int | None, dict]:
   (None, {}) when it holds no step. A newer step whose metadata does not read is passed
   over (the trainer reports it and falls back the same way). Raises ValueError when no
   step's metadata reads or the folder is not such a checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  manager = ocp.CheckpointManager(
-      paths.absolute(directory),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler(),
-                     "run": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-      return None, {}
-    errors = []
-    for step in steps:
-      try:
-        meta = manager.item_metadata(step)["state"]
-      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-        errors.append(f"step {step} ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''})")
-        continue
-      tree = getattr(meta, "tree", meta)
-      if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"checkpoint {directory} step {step} holds no parameters "
-                         f"(not a train.py checkpoints folder)")
-      return step, {k: _shape_dtype(v) for k, v in _flat(dict(tree["params"])).items()}
-    raise ValueError(f"checkpoint {directory}: no step's metadata can be read: "
-                     f"{'; '.join(errors)}")
-  finally:
-    manager.close()
+  steps = ckpt_lib.all_steps(directory)
+  if not steps:
+    return None, {}
+  errors = []
+  for step in reversed(steps):
+    try:
+      tree = ckpt_lib.params_metadata(directory, step)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      errors.append(f"step {step} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})")
+      continue
+    if tree is None:
+      raise ValueError(f"checkpoint {directory} step {step} holds no parameters "
+                       f"(not a train.py checkpoints folder)")
+    return step, {k: _shape_dtype(v) for k, v in _flat(dict(tree)).items()}
+  raise ValueError(f"checkpoint {directory}: no step's metadata can be read: "
+                   f"{'; '.join(errors)}")
 
 
 def _listed(items: list[str]) -> str:
@@ -367,8 +359,6 @@ def checkpoint_problems(directory: str, abstract_params, *, dtypes: bool = True)
 
 def _plain_tree(tree) -> dict:
   """Boxed or unboxed abstract params, with or without the top "params" -> nested dicts."""
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   is_box = lambda x: isinstance(x, nn.Partitioned)
   tree = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
                       is_leaf=is_box)
@@ -387,7 +377,6 @@ def _to_dict(tree):
 def model_checkpoint_problems(directory: str, model_cfg, *, dtypes: bool = True) -> list[str]:
   """`checkpoint_problems` against the parameters of the model `model_cfg` describes
   (shapes traced, nothing allocated or compiled)."""
-  from mqt.model import abstract_params  # pylint: disable=import-outside-toplevel
   return checkpoint_problems(directory, abstract_params(model_cfg)["params"], dtypes=dtypes)
 
 
@@ -398,7 +387,6 @@ def data_file_problems(blocks) -> list[str]:
   """Every json data block (`blocks`: (config path, block) pairs) whose file exists but
   does not parse as a LLaVA conversation JSON: one line each, naming the field and the
   file's problem (the file is read, its images are not)."""
-  from data import sources  # pylint: disable=import-outside-toplevel
   problems, seen = [], {}
   for where, block in blocks:
     path = block.get("json_path") if block.get("kind") == "json" else ""

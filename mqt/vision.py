@@ -19,25 +19,22 @@ from mqt import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(layers.StackConfig):
+  """The tower; `width`, `depth`, `heads` and `mlp_dim` are `layers.StackConfig`'s."""
   image_size: int = 336
   patch_size: int = 14
-  width: int = 1024
-  depth: int = 24
-  heads: int = 16
-  mlp_dim: int = 4096
   ln_eps: float = 1e-5
   channels: int = 3
   select_layer: int = -2  # Index into HF `hidden_states` (0 = embeddings).
   keep_cls: bool = False  # LLaVA's "patch" feature drops the class token.
-  # How `position_embedding` starts (it is learnt either way, and imported
-  # weights replace it): "normal" (CLIP's std 0.02) or "sincos2d" (MAE's 2-D
-  # sine / cosine table of the patch's row and column at unit scale,
-  # `layers.sincos_2d`; the class token's row zero), for a tower trained from
-  # scratch whose features must say where each patch is (configs/tiny.py).
+  # How `position_embedding` starts (it is learnt, and imported weights replace it):
+  # "normal", CLIP's std 0.02. (`bench/latent_probe.py --posemb=sincos2d` overwrites
+  # a fresh tower's with a 2-D sine / cosine table.)
   posemb_init: str = "normal"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.posemb_init != "normal":
+      raise ValueError(f"unknown posemb_init {self.posemb_init!r}; known: 'normal'")
 
   @property
   def grid(self) -> int:
@@ -53,18 +50,6 @@ class VisionConfig:
     return idx
 
 
-def _posemb_init(c: "VisionConfig"):
-  if c.posemb_init == "normal":
-    return nn.initializers.normal(0.02)
-  if c.posemb_init == "sincos2d":
-    def init(key, shape, dtype=jnp.float32):
-      del key, shape  # [1 + grid * grid, width]: the class token's row, then the patches'.
-      table = layers.sincos_2d(c.width, c.grid)
-      return jnp.concatenate([jnp.zeros((1, c.width)), jnp.asarray(table)]).astype(dtype)
-    return init
-  raise ValueError(f"unknown posemb_init {c.posemb_init!r}; known: 'normal', 'sincos2d'")
-
-
 class VisionBlock(nn.Module):
   cfg: VisionConfig
 
@@ -72,7 +57,7 @@ class VisionBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, P, D] -> [B, P, D]."""
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = c.kw
     hd = c.width // c.heads
     x = layers.constrain(x)
     h = layers.layer_norm(c.ln_eps, name="layer_norm1", **kw)(x)
@@ -92,25 +77,30 @@ class VisionBlock(nn.Module):
 class VisionTower(nn.Module):
   cfg: VisionConfig
 
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, C] -> features [B, P, D] (hidden_states[select_layer])."""
+  def _embed(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, C] -> [B, 1 + P, D]: the class token, then the patches, plus
+    their position embeddings (HF `CLIPVisionEmbeddings`)."""
     c = self.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size,
                 padding="VALID", use_bias=False,
                 kernel_init=layers.logical(nn.initializers.lecun_normal(),
                                            (None, None, None, "embed")),
-                name="patch_embedding", **kw)(images.astype(c.dtype))
+                name="patch_embedding", **c.kw)(images.astype(c.dtype))
     b = x.shape[0]
     x = x.reshape(b, -1, c.width)
     cls = self.param("class_embedding", layers.logical(nn.initializers.normal(0.02), ("embed",)),
                      (c.width,), c.param_dtype)
-    pos = self.param("position_embedding", layers.logical(_posemb_init(c), (None, "embed")),
+    pos = self.param("position_embedding",
+                     layers.logical(nn.initializers.normal(0.02), (None, "embed")),
                      (x.shape[1] + 1, c.width), c.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(c.dtype), (b, 1, c.width)), x], axis=1)
-    x = x + pos.astype(c.dtype)[None]
-    x = layers.layer_norm(c.ln_eps, name="pre_layrnorm", **kw)(x)
+    return x + pos.astype(c.dtype)[None]
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, C] -> features [B, P, D] (hidden_states[select_layer])."""
+    c = self.cfg
+    x = layers.layer_norm(c.ln_eps, name="pre_layrnorm", **c.kw)(self._embed(images))
     # Blocks past the selected hidden state are parameters (they are in every
     # checkpoint and in the parameter count) but are never run after init.
     run = c.depth if self.is_initializing() else c.layers_used
@@ -120,5 +110,5 @@ class VisionTower(nn.Module):
       if i + 1 == c.layers_used:
         feats = x
     if self.is_initializing():
-      layers.layer_norm(c.ln_eps, name="post_layernorm", **kw)(x[:, 0])
+      layers.layer_norm(c.ln_eps, name="post_layernorm", **c.kw)(x[:, 0])
     return feats if c.keep_cls else feats[:, 1:]

@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from mqt import train
+from mqt import run_inputs
 
 
 class _Logged:
@@ -41,17 +41,22 @@ class _Logged:
     self.it.set_state(state)
 
 
-def _patch():
+def steps_per_epoch(source, cfg) -> int:
+  """Batches in one epoch of `source` under the pipeline config `cfg`."""
   from data import pipeline  # pylint: disable=import-outside-toplevel
-  original = train.data_iterator
+  return pipeline.BatchPlan(source.has_image, cfg).batches_per_epoch
+
+
+def _patch():
+  original = run_inputs.data_iterator
 
   def data_iterator(source, pcfg, name, step, data_state):
     it, offset = original(source, pcfg, name, step, data_state)
     path = f"{os.environ['MQT_BATCH_LOG']}.{jax.process_index()}.jsonl"
-    return _Logged(it, path, name, step, pipeline.steps_per_epoch(source, pcfg),
+    return _Logged(it, path, name, step, steps_per_epoch(source, pcfg),
                    len(source)), offset
 
-  train.data_iterator = data_iterator
+  run_inputs.data_iterator = data_iterator
 
 
 if __name__ == "__main__":

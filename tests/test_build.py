@@ -26,7 +26,13 @@ def _sources():
   files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if (ROOT / pkg).exists()]
   files += list(ROOT.glob("*.py"))
   return sorted(str(p.relative_to(ROOT)) for p in files
-                if p.name != "__init__.py" and ".venv" not in p.parts)
+                if ".venv" not in p.parts and (p.name != "__init__.py" or _has_code(p)))
+
+
+def _has_code(path) -> bool:
+  """A package's __init__.py with more than a docstring (a package module of its own)."""
+  body = ast.parse(path.read_text()).body
+  return any(not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body)
 
 
 def _project_imports(path):
@@ -40,9 +46,12 @@ def _project_imports(path):
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
     for name in names:
-      candidate = name.replace(".", "/") + ".py"
-      if name.split(".")[0] in PACKAGES and (ROOT / candidate).exists():
-        found.add(candidate)
+      base = name.replace(".", "/")
+      for candidate in (base + ".py", base + "/__init__.py"):
+        if (name.split(".")[0] in PACKAGES and (ROOT / candidate).exists()
+            and candidate != path and (not candidate.endswith("__init__.py")
+                                       or _has_code(ROOT / candidate))):
+          found.add(candidate)
   return found
 
 

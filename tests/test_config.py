@@ -5,10 +5,12 @@ from ml_collections import config_flags
 
 from configs import mqt_llava, tiny
 from mqt.model import ModelConfig
+from mqt import run_inputs
+from mqt import plan
 
 
 def test_knobs_parse_and_validate():
-  assert mqt_llava.get_config("stage=1").stage == 1
+  assert mqt_llava.get_config("stage=1").run_stages == "1"
   assert mqt_llava.get_config("stage=2,variant=perceiver").model.query.variant == "perceiver"
   with pytest.raises(ValueError, match="unknown config knob 'stag'"):
     mqt_llava.get_config("stag=1")
@@ -40,7 +42,7 @@ def test_config_flags_lock_and_override(tmp_path):
     fv(argv)
     return fv.config
   config = parse(["prog", "--config=configs/mqt_llava.py:stage=1", "--config.model.llm.depth=4"])
-  assert config.stage == 1 and config.model.llm.depth == 4
+  assert config.run_stages == "1" and config.model.llm.depth == 4
   with pytest.raises(Exception, match="widht"):
     parse(["prog", "--config=configs/tiny.py", "--config.model.llm.widht=4"])
 
@@ -69,13 +71,12 @@ def test_each_data_block_may_set_its_own_max_len(tmp_path):
   inherits it; too short for the visual tokens is an error naming the setting."""
   from data import synthetic
   from data import tokenizer as tokenizer_lib
-  from mqt import train
   config = tiny.get_config()
   config.tokenizer_path = tokenizer_lib.train_tokenizer(
       synthetic.corpus_text(0, 50), str(tmp_path / "tokenizer.model"), vocab_size=400)
   cfg = ModelConfig.from_config(config.model)
   m = cfg.query.num_queries
-  got = lambda d: train.pipeline_config(config, d, cfg, str(tmp_path), train=True).max_text_len
+  got = lambda d: run_inputs.pipeline_config(config, d, cfg, str(tmp_path), train=True).max_text_len
   assert got(config.stage1.data) == 64 - m + 1
   assert got(config.stage2.data) == config.data.max_len - m + 1
   config.eval.data.max_len = 112
@@ -84,7 +85,7 @@ def test_each_data_block_may_set_its_own_max_len(tmp_path):
   with pytest.raises(ValueError, match=f"the data block's max_len={m} leaves no room"):
     got(config.stage2.data)
   with pytest.raises(ValueError, match=f"config.stage2.data.max_len={m} leaves no room"):
-    train.pipeline_config(config, config.stage2.data, cfg, str(tmp_path), train=True,
+    run_inputs.pipeline_config(config, config.stage2.data, cfg, str(tmp_path), train=True,
                           where="config.stage2.data")
   config.stage2.data.max_len, config.data.max_len = 0, m - 1
   with pytest.raises(ValueError, match=rf"config.data.max_len={m - 1} leaves no room"):
@@ -182,7 +183,7 @@ def test_user_errors_exit_with_a_status_and_no_traceback(capsys):
   from mqt import train
   cases = [(cli.UserError("bad --m"), 2), (app.UsageError("stray"), 2),
            (ValueError("bad value"), 1), (train.NonFiniteLossError("loss nan"), 1),
-           (train.StepDoesNotFitError("too big"), 1), (FileNotFoundError("gone"), 1)]
+           (plan.StepDoesNotFitError("too big"), 1), (FileNotFoundError("gone"), 1)]
   for error, status in cases:
     def main(argv, error=error):
       raise error

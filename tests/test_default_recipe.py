@@ -11,6 +11,7 @@ from flax import linen as nn
 from configs import tiny
 from mqt import train
 from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
+from mqt import plan
 
 
 def _init_attention(config, seed=0):
@@ -58,8 +59,7 @@ def test_the_stage_that_samples_m_trains_the_query_transformer(tmp_path, capsys)
   logged = [int(m) for m in re.findall(r"\[stage2\] step \d+/6 .*? m (\d+) ",
                                         capsys.readouterr().out)]
   assert len(logged) == 6 and len(set(logged)) > 1, logged  # m varies across steps.
-  sampler = train.stage_sampler(config, "stage2", config.stage2,
-                                ModelConfig.from_config(config.model))
+  sampler = plan.stage_sampler(config, 2, ModelConfig.from_config(config.model))
   assert len({int(sampler.sample(s)[0]) for s in range(100)}) == 9  # Every m in 1..9.
 
   def params(stage):

@@ -16,9 +16,12 @@ from mqt import checkpoint as ckpt_lib
 from mqt import evaluate
 from mqt import inference
 from mqt import memory as mem_lib
-from mqt import scorers
-from mqt import train
+from mqt import plots
+from mqt.benchmarks import common as bench_common
+from mqt.benchmarks import registry
 from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
+from mqt import run_inputs
+from bench.common import count_compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,34 +47,74 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("evaluate")
   config = _config(root / "data")
   workdir = str(root / "run")
-  train.open_source(config, config.stage1.data, workdir)  # Prepares data + tokenizer.
+  run_inputs.open_source(config, config.stage1.data, workdir)  # Prepares data + tokenizer.
   model_cfg = ModelConfig.from_config(config.model)
   params = nn.unbox(MQTLLaVA(model_cfg).init(jax.random.key(0), *dummy_inputs(model_cfg),
                                              16))["params"]
-  saver = ckpt_lib.Checkpointer(inference.default_checkpoint(config, workdir), every=1, keep=1,
+  saver = ckpt_lib.Checkpointer(run_inputs.default_checkpoint(config, workdir), every=1, keep=1,
                                 use_async=False)
   saver.save(1, {"params": params, "step": 1}, None, force=True)
   saver.close()
+  _prepare_builtin(str(root / "data"), workdir)
   return config, workdir
 
 
-def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
+def _prepare_builtin(data_dir: str, workdir: str, seed: int = 0):
+  """The preparation of the built-in benchmark files for `_config(data_dir)` -> its folder."""
+  config = _config(data_dir)
+  config.data.builtin_seed = seed
+  return run_inputs.prepare_builtin_benchmarks(config, workdir)
+
+
+def _counting_answerer(monkeypatch) -> list:
+  """Makes the sweep's Answerers log (m, "setup" | "batch", XLA compiles) -> the log."""
+  log = []
+
+  class Counted(inference.Answerer):
+    def __init__(self, loaded, m, *args, **kwargs):
+      with count_compiles() as n:
+        super().__init__(loaded, m, *args, **kwargs)
+      log.append((m, "setup", n()))
+
+    def prefill_latency(self, *args, **kwargs):
+      with count_compiles() as n:
+        out = super().prefill_latency(*args, **kwargs)
+      log.append((self.m, "setup", n()))
+      return out
+
+    def __call__(self, *args, **kwargs):
+      with count_compiles() as n:
+        out = super().__call__(*args, **kwargs)
+      log.append((self.m, "batch", n()))
+      return out
+
+  monkeypatch.setattr(inference, "Answerer", Counted)
+  return log
+
+
+def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys, monkeypatch):
   config, workdir = trained
   out = os.path.join(workdir, "eval")
   ms = [1, 9]
-  res = evaluate.sweep(config, workdir, ms, ["builtin"], out, limit=10)
+  log = _counting_answerer(monkeypatch)
+  res = evaluate.sweep(config, workdir, ms, ["builtin"], out, limit=10,
+                       chance={"synthetic": lambda qs: 0.25})
   sizes = {k: len(v) for k, v in evaluate.load_benchmarks(config, ["builtin"], workdir, 10).items()}
   assert sizes["synthetic"] == 10 and min(sizes.values()) >= 4
   printed = capsys.readouterr().out
-  assert res["ms"] == ms and res["benchmarks"] == list(evaluate.BUILTIN)
+  builtin = registry.builtin_names()
+  assert res["ms"] == ms and res["benchmarks"] == list(builtin)
+  # Counted XLA compiles: the same number for every m, and none while batches run (up to 10
+  # questions per benchmark, one program for every batch). Results hold no counts.
+  setup = {m: sum(n for mm, kind, n in log if mm == m and kind == "setup") for m in ms}
+  assert setup[1] == setup[9] > 0
+  batches = len(ms) * sum(-(-n // 8) for n in sizes.values())  # Batches of 8.
+  assert [n for _, kind, n in log if kind == "batch"] == [0] * batches
+  assert not any("compiles" in k for k in res["per_m"][1])
   for m in ms:
     entry = res["per_m"][m]
-    # Counted XLA compiles: the same number for every m, and none while batches run
-    # (up to 10 questions per benchmark: 8 batches of 8 per m, one program).
-    assert entry["xla_compiles_during_batches"] == 0
-    assert entry["xla_compiles_setup"] == res["per_m"][ms[0]]["xla_compiles_setup"]
-    for name in evaluate.BUILTIN:
-      value = entry["benchmarks"][name][evaluate.HEADLINE[name]]
+    for name in builtin:
+      value = entry["benchmarks"][name][registry.get(name).headline]
       assert 0.0 <= value <= 1.0
       assert entry["benchmarks"][name]["n"] == sizes[name]
     assert entry["prefill_ms_per_batch"] > 0
@@ -97,12 +140,13 @@ def test_sweep_writes_table_plots_and_compiles_once_per_m(trained, capsys):
   assert all(isinstance(a, list) and a and all(isinstance(x, str) for x in a) for a in vqa)
   with open(os.path.join(out, "predictions", "scienceqa_m1.jsonl")) as f:
     assert all(json.loads(line)["answer"] in "ABCDE" for line in f)
-  assert saved["sources"] == {n: "builtin" for n in evaluate.BUILTIN}
-  assert set(saved["baselines"]) == set(evaluate.BUILTIN)
+  assert saved["sources"] == {n: "builtin" for n in builtin}
+  assert set(saved["baselines"]) == set(builtin)
   for name, b in saved["baselines"].items():
     assert set(b) == {"chance", "image_blind"} and 0.0 <= b["chance"] <= 1.0, name
   assert saved["baselines"]["pope"]["chance"] > 0.5  # F1 of always "yes".
-  assert printed.count("  baselines") == len(evaluate.BUILTIN)
+  assert saved["baselines"]["synthetic"]["chance"] == 0.25  # The caller's.
+  assert printed.count("  baselines") == len(builtin)
   assert "synthetic accuracy" in printed and "prefill GFLOPs/image" in printed
   assert "m=9" in printed
 
@@ -123,13 +167,30 @@ def test_bad_m_benchmark_or_checkpoint_fail_before_compute(trained, tmp_path):
   with pytest.raises(ValueError, match=r"--config.init.clip is not set .*\n.*--config.init.llm "
                      r"is not set"):
     evaluate.sweep(config, workdir, [4], ["builtin"], str(tmp_path / "a"), checkpoint="hf")
-  evaluate.builtin_benchmark_dir(config, workdir)  # Written with seed 0 (if not yet).
-  other = config.copy_and_resolve_references()
-  other.data.builtin_seed = 1  # Not what the benchmark files under data_dir were written with.
-  with pytest.raises(ValueError, match=r"mqt_synthetic_benchmarks holds the built-in benchmark "
-                     r"files prepared with .*'seed': 0.*'seed': 1.* is asked for"):
-    evaluate.sweep(other, workdir, [4], ["builtin"], str(tmp_path / "a"))
-  assert not (tmp_path / "a").exists()
+  empty = config.copy_and_resolve_references()
+  empty.data.data_dir = str(tmp_path / "no_data")  # The built-in files were never prepared.
+  with pytest.raises(FileNotFoundError, match=r"the built-in benchmark files are not in "
+                     r".*no_data/mqt_synthetic_benchmarks: prepare them first"):
+    evaluate.load_benchmarks(empty, ["builtin"], workdir)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "no_data").exists()
+
+
+def test_the_command_prepares_the_builtin_files_once_with_the_configs_settings(
+    trained, capsys):
+  config, workdir = trained
+  data_dir = config.data.data_dir
+  capsys.readouterr()
+  again = _prepare_builtin(data_dir, workdir)  # Already there: checked, not written.
+  assert "writing" not in capsys.readouterr().out
+  assert again == run_inputs.builtin_benchmark_dir(config, workdir)
+  other = subprocess.run(
+      [sys.executable, "evaluate.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+       f"--config.data.data_dir={data_dir}", "--config.run_stages=1",
+       "--config.data.builtin_sizes.eval=32", "--config.data.builtin_seed=1", "--ms=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert other.returncode == 1, other.stderr
+  assert re.search(r"error: .*mqt_synthetic_benchmarks holds the built-in benchmark files "
+                   r"prepared with .*'seed': 0.*'seed': 1.* is asked for", other.stderr)
 
 
 def test_a_prompt_too_long_is_named(trained, tmp_path):
@@ -346,7 +407,7 @@ def test_user_benchmark_files_load_and_score(tmp_path):
   assert vqa[0].image.endswith("COCO_val2014_000000000001.jpg")
   assert vqa[0].answer == ["spacesuit"] * 7 + ["suit"] * 3
 
-  score = lambda name, preds: scorers.BENCHMARKS[name].score(benches[name], preds)
+  score = lambda name, preds: registry.get(name).score(benches[name], preds)
   m = score("pope", {q.qid: "Yes" for q in pope})
   assert m["random/accuracy"] == pytest.approx(2 / 3) and m["adversarial/accuracy"] == 0.5
   assert m["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
@@ -355,7 +416,7 @@ def test_user_benchmark_files_load_and_score(tmp_path):
   assert m["accuracy"] == pytest.approx((0.9 + 1 + 1 + 0) / 4)
   assert score("gqa", {"g1": "Rocket.", "g2": "yes"})["accuracy"] == 0.5
 
-  b = {n: scorers.baselines(n, q) for n, q in benches.items()}
+  b = {n: registry.baselines(n, q) for n, q in benches.items()}
   assert b["pope"]["chance"] == pytest.approx((0.8 + 2 / 3) / 2)
   assert b["scienceqa"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
   # One question form ("what is"), every answer once: the first, "spacesuit", for all.
@@ -370,7 +431,7 @@ def test_named_benchmarks_without_paths_fail_together_before_any_read(tmp_path, 
   config.eval.benchmarks.vqav2.questions = "/data/vqa/questions.json"  # Partly set.
   def no_read(*args, **kwargs):
     raise AssertionError("a checkpoint or weights were read")
-  monkeypatch.setattr(inference, "resolve_paths", no_read)
+  monkeypatch.setattr(run_inputs, "resolve_paths", no_read)
   monkeypatch.setattr(inference, "load", no_read)
   workdir, out = tmp_path / "run", tmp_path / "out"
   names = ["synthetic", "pope", "scienceqa", "vqav2", "gqa", "mme"]
@@ -392,14 +453,14 @@ def test_named_benchmarks_without_paths_fail_together_before_any_read(tmp_path, 
   assert evaluate.benchmark_sources(["builtin", "gqa"]) == {
       "synthetic": "builtin", "pope": "builtin", "scienceqa": "builtin", "vqav2": "builtin",
       "gqa": "files"}
-  assert evaluate.expand_names(["synthetic", " ", "builtin"]) == list(evaluate.BUILTIN)
+  assert evaluate.expand_names(["synthetic", " ", "builtin"]) == list(registry.builtin_names())
 
 
 def test_builtin_reads_the_synthetic_files_even_when_paths_are_set(trained, capsys):
   config, workdir = trained
   config = _with_paths(config, {"pope": {"folder": "/data/pope", "image_folder": "/data/coco"}})
   benches = evaluate.load_benchmarks(config, ["builtin"], workdir, limit=2)
-  root = evaluate.builtin_benchmark_dir(config, workdir)
+  root = run_inputs.builtin_benchmark_dir(config, workdir)
   assert all(q.image.startswith(root) for q in benches["pope"])
   printed = capsys.readouterr().out
   assert ("note: --benchmarks=builtin evaluates the built-in synthetic pope; "
@@ -421,6 +482,59 @@ def test_sweep_on_user_files(trained, tmp_path):
                                                    for r in rows)
   with open(out / "results.json") as f:
     assert json.load(f)["baselines"]["pope"]["chance"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def _echo_benchmark() -> bench_common.Benchmark:
+  """A benchmark in no module of mqt/benchmarks/ (what a new module's BENCHMARK holds): a
+  JSON list of {"id", "image", "question", "answer"}, scored by exact match."""
+  def load(path, image_folder):
+    recs = bench_common.load_json(path, "echo questions (a JSON list)", list)
+    return [bench_common.Question(
+        r["id"], bench_common.image(image_folder, r["image"], r["id"], "echo", path),
+        r["question"] + bench_common.SHORT_SUFFIX, r["answer"]) for r in recs]
+
+  def score(questions, predictions):
+    bench_common.check(questions, predictions, "echo")
+    right = [float(bench_common.gqa_normalize(predictions[q.qid]) == q.answer)
+             for q in questions]
+    return {"accuracy": bench_common.mean(right), "n": float(len(right))}
+
+  return bench_common.Benchmark(
+      name="echo", load=load, score=score, headline="accuracy",
+      fields={"json": "", "image_folder": ""},
+      from_config=lambda b, workdir: load(b.json, b.image_folder))
+
+
+def test_a_new_benchmark_is_one_registry_entry(trained, tmp_path, monkeypatch, capsys):
+  """Registering a benchmark is all it takes: its config block, path checks, loading,
+  scoring, baselines, table, predictions and plots follow from the registry."""
+  config, workdir = trained
+  monkeypatch.setitem(registry.REGISTRY, "echo", _echo_benchmark())
+  fresh = tiny.get_config()
+  assert dict(fresh.eval.benchmarks.echo) == {"json": "", "image_folder": ""}
+  with pytest.raises(ValueError, match=r"^benchmark echo: --config.eval.benchmarks.echo.json, "
+                     r"--config.eval.benchmarks.echo.image_folder are not set"):
+    evaluate.check_benchmark_paths(fresh, ["echo"])
+  assert "echo" not in evaluate.expand_names(["builtin"])  # It has no built-in version.
+  for i, name in enumerate(_PHOTOS[:3]):
+    _photo(name, tmp_path / "img" / f"{i}.png")
+  json_path = _dump(tmp_path / "echo.json", [
+      {"id": f"e{i}", "image": f"{i}.png", "question": "What is shown?", "answer": a}
+      for i, a in enumerate(("rocket", "rocket", "cup"))])
+  config = config.copy_and_resolve_references()
+  config.eval.benchmarks = fresh.eval.benchmarks
+  config.eval.benchmarks.echo.update({"json": json_path, "image_folder": str(tmp_path / "img")})
+  out = tmp_path / "eval"
+  res = evaluate.sweep(config, workdir, [1], ["echo"], str(out))
+  assert res["benchmarks"] == ["echo"] and res["sources"] == {"echo": "files"}
+  assert res["per_m"][1]["benchmarks"]["echo"]["n"] == 3
+  # Open-ended: chance 0; "rocket" for the one question form: 2 of 3 right.
+  assert res["baselines"]["echo"] == {"chance": 0.0, "image_blind": pytest.approx(2 / 3)}
+  assert re.search(r"\necho accuracy +\d\.\d{3}\n  baselines +chance 0\.000, image-blind "
+                   r"0\.667\n", capsys.readouterr().out)
+  with open(out / "predictions" / "echo_m1.jsonl") as f:
+    assert [json.loads(line)["answer"] for line in f] == ["rocket", "rocket", "cup"]
+  assert (out / "accuracy_vs_m.png").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +574,7 @@ def test_plot_ticks_do_not_overlap_and_baselines_are_drawn(text_len):
   ms = [1, 2, 4, 8, 16, 36, 64, 144, 256]
   res = _fake_results(ms, text_len)
   for kind in ("m", "flops"):
-    fig = evaluate.make_figure(res, kind)
+    fig = plots.make_figure(res, kind)
     fig.canvas.draw()
     for ax, name in zip(fig.axes, res["benchmarks"]):
       labels = _tick_labels(fig, ax)
@@ -491,10 +605,10 @@ def test_plot_ticks_do_not_overlap_and_baselines_are_drawn(text_len):
 
 def test_plot_writes_both_files_with_or_without_baselines(tmp_path):
   res = _fake_results([2, 4])
-  paths = evaluate.plot(res, str(tmp_path))
+  paths = plots.plot(res, str(tmp_path))
   del res["baselines"]
   os.makedirs(tmp_path / "old")
-  paths += evaluate.plot(res, str(tmp_path / "old"))
+  paths += plots.plot(res, str(tmp_path / "old"))
   for p in paths:
     with Image.open(p) as img:
       assert img.format == "PNG" and img.size[0] > 600

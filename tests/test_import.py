@@ -18,12 +18,12 @@ from configs import mqt_llava
 from mqt import convert
 from mqt import memory as mem_lib
 from mqt import sharding as shard_lib
-from mqt import train
 from mqt.checkpoint_io import CheckpointError, TensorSource
 from mqt.decoder import LlamaConfig
-from mqt.model import MQTLLaVA, ModelConfig, abstract_params, text_slots
+from mqt.model import MQTLLaVA, ModelConfig, text_slots
 from mqt.query_transformer import QueryConfig
 from mqt.vision import VisionConfig
+from mqt import params as params_lib
 from tests import torch_reference as ref
 
 IMG = ref.IMAGE
@@ -183,8 +183,7 @@ def test_leaves_get_the_requested_shardings_and_dtype(other_size):
   config.sharding.mesh.update(dict(data=2, fsdp=2, tensor=2))
   cfg = convert.model_config_for_checkpoint(config, user_set=())
   mesh = shard_lib.make_mesh(config.sharding.mesh)
-  shardings = shard_lib.param_shardings(abstract_params(cfg)["params"], mesh,
-                                        tuple(config.sharding.logical_axis_rules))
+  shardings = params_lib.param_shardings(cfg, mesh, config.sharding.logical_axis_rules)
   params = convert.import_mqt_llava(path, cfg, param_dtype="bfloat16", shardings=shardings)
   exact = convert.import_mqt_llava(path, cfg, param_dtype="float32")
   assert jax.tree.structure(params) == jax.tree.structure(shardings)
@@ -285,21 +284,21 @@ def test_stage1_creates_only_the_query_transformer(tmp_path, monkeypatch):
   config = mqt_llava.get_config("stage=1")
   config.init.clip, config.init.llm = str(tmp_path / "clip"), str(tmp_path / "llm")
   config.model.query.num_queries = 16
-  model_cfg = train.model_config(config)
+  model_cfg = params_lib.model_config(config)
   assert (model_cfg.vision.heads, model_cfg.llm.depth) == (16, llm_cfg.num_hidden_layers)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
-  shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh,
-                                        tuple(config.sharding.logical_axis_rules))
+  shardings = params_lib.param_shardings(model_cfg, mesh,
+                                          config.sharding.logical_axis_rules)
   created = []
-  random_params = train._random_params  # pylint: disable=protected-access
+  random_params = params_lib.random_params  # pylint: disable=protected-access
 
   def recording(*args, **kwargs):
     out = random_params(*args, **kwargs)
     created.extend(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(out))
     return out
 
-  monkeypatch.setattr(train, "_random_params", recording)
-  params = train.fresh_params(config, model_cfg, MQTLLaVA(model_cfg), shardings)
+  monkeypatch.setattr(params_lib, "random_params", recording)
+  params = params_lib.fresh_params(config, model_cfg, MQTLLaVA(model_cfg), shardings)
   assert created and all(k.startswith("['query']") for k in created)
   assert set(params) == {"vision", "query", "llm"}
   np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"],

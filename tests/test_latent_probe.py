@@ -1,13 +1,14 @@
 """bench/latent_probe.py: the ridge probe reads what is there, and the tower's
 position-embedding init decides whether a token says its cell."""
+import jax
 import numpy as np
 import pytest
 
 from bench import latent_probe
 from configs import tiny
+from mqt import layers
 from mqt import sharding
-from mqt import train as train_lib
-from mqt.model import ModelConfig, MQTLLaVA, abstract_params
+from mqt.model import ModelConfig
 
 
 def test_ridge_probe_finds_separable_classes_and_not_random_labels():
@@ -32,16 +33,30 @@ def test_scene_labels_put_each_object_in_its_cell():
       assert labels["shape"][i, o.row * 3 + o.col] == latent_probe.synthetic.SHAPES.index(o.shape)
 
 
-def _fresh(posemb_init):
+def _fresh(posemb):
   config = tiny.get_config()
-  config.model.vision.posemb_init = posemb_init
   # Latent j pools patch j, so that a visual token is a cell's token (the probe's labels).
   config.model.query.spatial_init, config.model.query.spatial_init_gap = True, 6.0
   cfg = ModelConfig.from_config(config.model)
-  mesh = sharding.make_mesh(config.sharding.mesh)
-  shardings = sharding.param_shardings(abstract_params(cfg)["params"], mesh,
-                                       tuple(config.sharding.logical_axis_rules))
-  return cfg, train_lib.fresh_params(config, cfg, MQTLLaVA(cfg), shardings)
+  return cfg, latent_probe.init_params(config, cfg, sharding.make_mesh(config.sharding.mesh),
+                                       posemb)
+
+
+def test_sincos_position_embedding_is_the_2d_table_after_the_class_token():
+  cfg, params = _fresh("sincos2d")
+  pos = np.asarray(params["vision"]["position_embedding"])
+  grid, width = cfg.vision.grid, cfg.vision.width
+  assert pos.shape == (1 + grid * grid, width) and pos.dtype == np.float32
+  np.testing.assert_array_equal(pos[0], 0)  # The class token's row.
+  np.testing.assert_array_equal(pos[1:], layers.sincos_2d(width, grid))
+  assert len({tuple(row) for row in pos[1:]}) == grid * grid  # Every patch its own code.
+  _, normal = _fresh("normal")
+  assert np.abs(np.asarray(normal["vision"]["position_embedding"])).max() < 0.2  # std 0.02.
+  normal["vision"]["position_embedding"] = params["vision"]["position_embedding"]
+  for a, b in zip(jax.tree.leaves(normal), jax.tree.leaves(params)):  # Nothing else differs.
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="unknown posemb 'learned'; known: 'normal', 'sincos2d'"):
+    latent_probe.init_params(tiny.get_config(), cfg, None, "learned")
 
 
 def test_sincos_position_init_puts_the_column_into_occupied_cells_tokens():

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from configs import tiny
 from mqt import convert
-from mqt.jax_utils import count_compiles
+from bench.common import count_compiles
 from mqt.model import IGNORE, MQTLLaVA, ModelConfig, next_token_loss, text_slots
 from mqt.query_transformer import QueryConfig
 from tests import torch_reference as ref

@@ -1,4 +1,4 @@
-"""mqt.paths: the helpers on local paths, URIs never mangled, and the project's readers and
+"""data.paths: the helpers on local paths, URIs never mangled, and the project's readers and
 writers on gs:// paths served by a fake bucket (a local folder behind epath's fsspec
 backend), so no network is touched."""
 import json
@@ -10,13 +10,13 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath as epath_gpath
 from fsspec.implementations.local import LocalFileSystem
 
+from data import paths
 from data import sources
 from data import tokenizer as tok_lib
 from mqt import checkpoint as ckpt_lib
 from mqt import checkpoint_io
 from mqt import convert
 from mqt import metrics
-from mqt import paths
 
 
 # ---- Local paths.
@@ -61,6 +61,13 @@ def test_local_strings_are_os_path(tmp_path, monkeypatch):
   assert paths.join("a", "/abs", "c") == "/abs/c"
   assert paths.dirname("a/b/c.model") == "a/b" and paths.dirname("c.model") == ""
   assert not paths.is_uri("/x/y") and not paths.is_uri("run/a://b") and not paths.is_uri("")
+
+
+def test_mqt_paths_is_the_same_helpers():
+  """`from mqt import paths` keeps working: the very functions of data.paths."""
+  from mqt import paths as mqt_paths  # pylint: disable=import-outside-toplevel
+  for name in ("join", "exists", "open", "write_text_atomic", "SCHEMES", "_missing_backend"):
+    assert getattr(mqt_paths, name) is getattr(paths, name)
 
 
 # ---- URIs as strings.

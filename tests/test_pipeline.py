@@ -277,7 +277,7 @@ def test_tfds_prepare_skips_and_counts_missing_images(llava_dir, tmp_path):
 
 
 def test_builtin_set_from_another_generator_version_is_refused(tmp_path):
-  """A data_dir prepared by an older data/synthetic.py (other DATA_VERSION) is not
+  """A data_dir prepared by an older data/synthetic/ (other DATA_VERSION) is not
   silently reused: the error names the folder and both settings."""
   from data import synthetic
   root = prepare.builtin_root(str(tmp_path))

@@ -10,7 +10,21 @@ import pytest
 from PIL import Image
 
 from data import synthetic
-from mqt import scorers as S
+from mqt import config_lib
+from mqt.benchmarks import registry
+from mqt.benchmarks.baselines import question_prefix
+from mqt.benchmarks.common import Question, parse_letter
+from mqt.benchmarks.gqa import load_gqa, score_gqa
+from mqt.benchmarks.mmbench import load_mmbench, mmbench_choice, score_mmbench
+from mqt.benchmarks.mme import load_mme, mme_yes_no, score_mme
+from mqt.benchmarks.pope import load_pope, pope_yes_no, score_pope
+from mqt.benchmarks.scienceqa import load_scienceqa, score_scienceqa
+from mqt.benchmarks.synthetic import load_synthetic, score_synthetic
+from mqt.benchmarks.textvqa import load_textvqa, score_textvqa
+from mqt.benchmarks.vizwiz import load_vizwiz, score_vizwiz
+from mqt.benchmarks.vqa_answers import normalize_vqa_answer, vqa_soft_accuracy
+from mqt.benchmarks.vqav2 import load_vqav2, score_vqav2
+from mqt.benchmarks.table import Column, Row, format_table
 
 SHORT = "\nAnswer the question using a single word or phrase."
 CHOICE = "\nAnswer with the option's letter from the given choices directly."
@@ -56,7 +70,7 @@ def _json(path, obj) -> str:
     ("  left\tof\nit ", "left of it"),
 ])
 def test_normalize_vqa_answer(text, want):
-  assert S.normalize_vqa_answer(text) == want
+  assert normalize_vqa_answer(text) == want
 
 
 @pytest.mark.parametrize("matches, want", [
@@ -69,19 +83,19 @@ def test_normalize_vqa_answer(text, want):
 ])
 def test_vqa_soft_accuracy_counts(matches, want):
   answers = ["cat"] * matches + ["dog"] * (10 - matches)
-  assert S.vqa_soft_accuracy("cat", answers) == pytest.approx(want)
+  assert vqa_soft_accuracy("cat", answers) == pytest.approx(want)
 
 
 def test_vqa_soft_accuracy_normalization_rules():
   # The answers differ, so they are normalized too: "two", "Two." and "2" all match "2".
   answers = ["two", "Two.", "2"] + ["3"] * 7
-  assert S.vqa_soft_accuracy("2", answers) == pytest.approx(0.9)
-  assert S.vqa_soft_accuracy("2", answers, normalize_answers=False) == pytest.approx(0.3)
+  assert vqa_soft_accuracy("2", answers) == pytest.approx(0.9)
+  assert vqa_soft_accuracy("2", answers, normalize_answers=False) == pytest.approx(0.3)
   # The prediction is always normalized.
-  assert S.vqa_soft_accuracy("The cat.", ["cat"] * 10) == 1.0
+  assert vqa_soft_accuracy("The cat.", ["cat"] * 10) == 1.0
   # The official rule leaves unanimous answers as they are; TextVQA (m4c) normalizes them.
-  assert S.vqa_soft_accuracy("Two", ["Two"] * 10) == 0.0
-  assert S.vqa_soft_accuracy("Two", ["Two"] * 10, normalize_answers=True) == 1.0
+  assert vqa_soft_accuracy("Two", ["Two"] * 10) == 0.0
+  assert vqa_soft_accuracy("Two", ["Two"] * 10, normalize_answers=True) == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +121,7 @@ def test_vqa_soft_accuracy_normalization_rules():
     ("The answer is A or the answer is B", 4, None),  # Ambiguous.
 ])
 def test_parse_letter(pred, n, want):
-  assert S.parse_letter(pred, n) == want
+  assert parse_letter(pred, n) == want
 
 
 # ---------------------------------------------------------------------------
@@ -135,7 +149,7 @@ def _scienceqa_files(tmp_path):
 
 def test_scienceqa_load_and_score(tmp_path):
   p, s, images = _scienceqa_files(tmp_path)
-  qs = S.load_scienceqa(p, s, images)
+  qs = load_scienceqa(p, s, images)
   assert [q.qid for q in qs] == ["1", "2"]  # "3" has no image; "4" is not in test.
   assert qs[0].prompt == ("Context: Look closely.\nWhich color?\nA. red\nB. blue\nC. green"
                           + CHOICE)
@@ -143,11 +157,11 @@ def test_scienceqa_load_and_score(tmp_path):
   assert qs[0].image == str(tmp_path / "images" / "test" / "1" / "image.png")
   assert qs[1].image == str(tmp_path / "images" / "flat" / "2.png")
   assert [q.answer for q in qs] == ["B", "A"]
-  m = S.score_scienceqa(qs, {"1": "B.", "2": "It is a circle"})
+  m = score_scienceqa(qs, {"1": "B.", "2": "It is a circle"})
   assert m["accuracy"] == 0.5 and m["unparsed"] == 1 and m["n"] == 2
   assert m["subject/natural science"] == 1.0 and m["subject/language science"] == 0.0
-  assert S.score_scienceqa(qs, {"1": "(B)", "2": "A"})["accuracy"] == 1.0
-  assert S.score_scienceqa(qs, {"1": "C", "2": "D"})["unparsed"] == 1  # D: only 2 options.
+  assert score_scienceqa(qs, {"1": "(B)", "2": "A"})["accuracy"] == 1.0
+  assert score_scienceqa(qs, {"1": "C", "2": "D"})["unparsed"] == 1  # D: only 2 options.
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def test_scienceqa_load_and_score(tmp_path):
     ("No,there is none", "yes"),  # Commas are deleted, not split on: "nothere".
 ])
 def test_pope_yes_no(pred, want):
-  assert S.pope_yes_no(pred) == want
+  assert pope_yes_no(pred) == want
 
 
 def _pope_split(tmp_path, name, labels):
@@ -181,13 +195,13 @@ def _pope_split(tmp_path, name, labels):
 def test_pope_metrics_by_hand(tmp_path):
   _pope_split(tmp_path, "random", ["yes", "yes", "yes", "no", "no"])
   _pope_split(tmp_path, "popular", ["yes", "no"])
-  qs = S.load_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
+  qs = load_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
   assert len(qs) == 7 and qs[0].prompt == "Is there a 0?" + SHORT
   assert {q.qid for q in qs} >= {"random/1", "popular/1"}
   preds = {"random/1": "Yes", "random/2": "Yes.", "random/3": "No",
            "random/4": "Yes, there is", "random/5": "There is not.",
            "popular/1": "yes", "popular/2": "no"}
-  m = S.score_pope(qs, preds)
+  m = score_pope(qs, preds)
   # random: TP 2, FN 1, FP 1, TN 1.
   assert m["random/precision"] == pytest.approx(2 / 3)
   assert m["random/recall"] == pytest.approx(2 / 3)
@@ -198,14 +212,14 @@ def test_pope_metrics_by_hand(tmp_path):
   assert m["f1"] == pytest.approx((2 / 3 + 1) / 2)
   assert m["accuracy"] == pytest.approx((3 / 5 + 1) / 2)
   # Never "yes": precision, recall and F1 are 0 (no division by zero).
-  m = S.score_pope(qs, {q: "No" for q in preds})
+  m = score_pope(qs, {q: "No" for q in preds})
   assert m["f1"] == 0.0 and m["yes_ratio"] == 0.0 and m["accuracy"] == pytest.approx(
       (2 / 5 + 1 / 2) / 2)
 
 
 def test_pope_accepts_a_dict_of_splits(tmp_path):
   path = _pope_split(tmp_path, "adversarial", ["yes", "no"])
-  qs = S.load_pope({"adv": path}, tmp_path / "img")
+  qs = load_pope({"adv": path}, tmp_path / "img")
   assert [q.qid for q in qs] == ["adv/1", "adv/2"] and qs[0].meta["split"] == "adv"
 
 
@@ -233,12 +247,12 @@ def _mme_folder(root):
     ("maybe", "other"), ("", "other"), ("I think yes", "other"),
 ])
 def test_mme_yes_no(pred, want):
-  assert S.mme_yes_no(pred) == want
+  assert mme_yes_no(pred) == want
 
 
 def test_mme_scores_by_hand(tmp_path):
   _mme_folder(tmp_path)
-  qs = S.load_mme(tmp_path)
+  qs = load_mme(tmp_path)
   assert len(qs) == 10
   by_id = {q.qid: q for q in qs}
   assert by_id["existence/a/0"].prompt == "Is it red? Please answer yes or no."
@@ -251,7 +265,7 @@ def test_mme_scores_by_hand(tmp_path):
       "artwork/d/0": "No", "artwork/d/1": "Yes",               # None right.
       "numerical_calculation/e/0": "yes", "numerical_calculation/e/1": "no",
   }
-  m = S.score_mme(qs, preds)
+  m = score_mme(qs, preds)
   assert m["existence/acc"] == 75.0 and m["existence/acc_plus"] == 50.0
   assert m["existence/score"] == 125.0
   assert m["artwork/acc"] == 25.0 and m["artwork/acc_plus"] == 0.0 and m["artwork/score"] == 25.0
@@ -265,13 +279,13 @@ def test_mme_errors(tmp_path):
   _mme_folder(tmp_path)
   os.remove(tmp_path / "existence" / "b.jpg")
   with pytest.raises(FileNotFoundError, match=r"existence/b/0.*b\.<jpg\|png>"):
-    S.load_mme(tmp_path)
+    load_mme(tmp_path)
   _png(tmp_path / "existence" / "b.jpg")
   _write(tmp_path / "existence" / "b.txt", "Is there a cat?\tMaybe\n")
   with pytest.raises(ValueError, match=r"b\.txt: line 1 answer 'Maybe'"):
-    S.load_mme(tmp_path)
+    load_mme(tmp_path)
   with pytest.raises(FileNotFoundError, match="MME benchmark folder"):
-    S.load_mme(tmp_path / "nope")
+    load_mme(tmp_path / "nope")
 
 
 # ---------------------------------------------------------------------------
@@ -289,10 +303,10 @@ def test_gqa(tmp_path):
       "q3": {"imageId": "n1", "question": "What is it?", "answer": "car",
              "types": {"structural": "query", "detailed": "name"}},
   })
-  qs = S.load_gqa(path, tmp_path / "img")
+  qs = load_gqa(path, tmp_path / "img")
   assert qs[0].image == str(tmp_path / "img" / "n1.jpg")
   assert qs[0].prompt == "What color is the car?" + SHORT
-  m = S.score_gqa(qs, {"q1": " Red. ", "q2": "Left", "q3": "the car"})
+  m = score_gqa(qs, {"q1": " Red. ", "q2": "Left", "q3": "the car"})
   assert m["accuracy"] == pytest.approx(2 / 3)
   assert m["structural/query"] == 0.5 and m["structural/choose"] == 1.0
   assert m["detailed/name"] == 0.0 and m["detailed/color"] == 1.0
@@ -308,10 +322,10 @@ def test_vqav2_textvqa_vizwiz(tmp_path):
        "answers": [{"answer": "2", "answer_id": i} for i in range(10)]},
       {"question_id": 421, "answer_type": "other",
        "answers": [{"answer": "red"}] * 2 + [{"answer": "blue"}] * 8}]})
-  qs = S.load_vqav2(q, a, tmp_path / "coco")
+  qs = load_vqav2(q, a, tmp_path / "coco")
   assert qs[0].image == str(tmp_path / "coco" / "COCO_val2014_000000000042.jpg")
   assert qs[0].prompt == "How many?" + SHORT and qs[0].answer == ["2"] * 10
-  m = S.score_vqav2(qs, {"420": "Two", "421": "Red"})
+  m = score_vqav2(qs, {"420": "Two", "421": "Red"})
   assert m["accuracy"] == pytest.approx((1.0 + 0.6) / 2)
   assert m["answer_type/number"] == 1.0 and m["answer_type/other"] == pytest.approx(0.6)
 
@@ -319,20 +333,20 @@ def test_vqav2_textvqa_vizwiz(tmp_path):
   tv = _json(tmp_path / "textvqa.json", {"data": [
       {"question_id": 7, "question": "What brand?", "image_id": "abc",
        "answers": ["Coca-Cola"] * 10}]})
-  qs = S.load_textvqa(tv, tmp_path / "tv")
+  qs = load_textvqa(tv, tmp_path / "tv")
   assert qs[0].qid == "7" and qs[0].image == str(tmp_path / "tv" / "abc.jpg")
-  assert S.score_textvqa(qs, {"7": "coca cola"})["accuracy"] == 1.0
+  assert score_textvqa(qs, {"7": "coca cola"})["accuracy"] == 1.0
 
   _png(tmp_path / "vw" / "VizWiz_val_00000000.jpg")
   vw = _json(tmp_path / "val.json", [
       {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answer_type": "other",
        "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 3
                   + [{"answer": "soup", "answer_confidence": "maybe"}] * 7}])
-  qs = S.load_vizwiz(vw, tmp_path / "vw")
+  qs = load_vizwiz(vw, tmp_path / "vw")
   assert qs[0].qid == "VizWiz_val_00000000.jpg"
   assert qs[0].prompt == ("What is this?\nWhen the provided information is insufficient, "
                           "respond with 'Unanswerable'." + SHORT)
-  assert S.score_vizwiz(qs, {qs[0].qid: "Unanswerable"})["accuracy"] == pytest.approx(0.9)
+  assert score_vizwiz(qs, {qs[0].qid: "Unanswerable"})["accuracy"] == pytest.approx(0.9)
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +382,7 @@ def test_mmbench_circular(tmp_path):
       {"index": "1000005", "question": "What is the color?", "A": "green", "B": "blue",
        "C": "red", "answer": "A", "category": "color", "image": img},  # A pre-rotated copy.
   ])
-  qs = S.load_mmbench(path, tmp_path / "cache")
+  qs = load_mmbench(path, tmp_path / "cache")
   assert [q.qid for q in qs] == ["5@0", "5@1", "5@2", "6@0", "6@1"]
   q = {q.qid: q for q in qs}
   assert q["5@0"].prompt == ("A photo.\nWhat is the color?\nA. red\nB. green\nC. blue" + CHOICE)
@@ -384,13 +398,13 @@ def test_mmbench_circular(tmp_path):
 
   preds = {"5@0": "B", "5@1": "A.", "5@2": "A",       # The last rotation is wrong.
            "6@0": "circle", "6@1": "(B) circle"}      # Option text, then a letter.
-  m = S.score_mmbench(qs, preds)
+  m = score_mmbench(qs, preds)
   assert m["circular_accuracy"] == 0.5 and m["accuracy"] == 0.5
   assert m["single_accuracy"] == 1.0
   assert m["category/color"] == 0.0 and m["category/shape"] == 1.0
   assert m["l2_category/attribute"] == 0.5 and m["n"] == 2
 
-  single = S.load_mmbench(path, tmp_path / "cache", circular=False)
+  single = load_mmbench(path, tmp_path / "cache", circular=False)
   assert [q.qid for q in single] == ["5@0", "6@0"]
 
 
@@ -399,7 +413,7 @@ def test_mmbench_circular(tmp_path):
     ("(A) 3", "A"), ("5", None),
 ])
 def test_mmbench_choice(pred, want):
-  assert S.mmbench_choice(pred, ["1", "3", "three"]) == want
+  assert mmbench_choice(pred, ["1", "3", "three"]) == want
 
 
 def test_mmbench_bad_answer_and_image(tmp_path):
@@ -407,11 +421,11 @@ def test_mmbench_bad_answer_and_image(tmp_path):
   path = _mmbench_tsv(tmp_path, [{"index": "1", "question": "Q?", "A": "x", "B": "y",
                                   "answer": "C", "image": img}])
   with pytest.raises(ValueError, match=r"record '1' answer 'C'"):
-    S.load_mmbench(path, tmp_path / "cache")
+    load_mmbench(path, tmp_path / "cache")
   path = _mmbench_tsv(tmp_path, [{"index": "1", "question": "Q?", "A": "x", "B": "y",
                                   "answer": "A", "image": "not base64!"}])
   with pytest.raises(ValueError, match=r"record '1' field 'image' is not valid base64"):
-    S.load_mmbench(path, tmp_path / "cache")
+    load_mmbench(path, tmp_path / "cache")
 
 
 # ---------------------------------------------------------------------------
@@ -419,23 +433,23 @@ def test_mmbench_bad_answer_and_image(tmp_path):
 
 def test_missing_files_name_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"problems\.json.*not found: .*nope\.json"):
-    S.load_scienceqa(tmp_path / "nope.json", tmp_path / "s.json", tmp_path)
+    load_scienceqa(tmp_path / "nope.json", tmp_path / "s.json", tmp_path)
   with pytest.raises(FileNotFoundError, match=r"GQA questions file .* not found: .*missing\.json"):
-    S.load_gqa(tmp_path / "missing.json", tmp_path)
+    load_gqa(tmp_path / "missing.json", tmp_path)
   with pytest.raises(FileNotFoundError, match="no POPE files matching"):
-    S.load_pope(tmp_path, tmp_path)
+    load_pope(tmp_path, tmp_path)
   with pytest.raises(FileNotFoundError, match=r"MMBench TSV file .* not found: .*x\.tsv"):
-    S.load_mmbench(tmp_path / "x.tsv", tmp_path / "cache")
+    load_mmbench(tmp_path / "x.tsv", tmp_path / "cache")
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
   path = _write(tmp_path / "gqa.json", '{\n  "q1": {"question": "x",\n  oops}\n}')
   with pytest.raises(ValueError, match=r"gqa\.json: malformed JSON at line 3"):
-    S.load_gqa(path, tmp_path)
+    load_gqa(path, tmp_path)
   good = json.dumps({"question_id": 1, "image": "i.jpg", "text": "t", "label": "yes"})
   path = _write(tmp_path / "pope" / "x_pope_random.json", good + "\n" + good[:-3] + "\n")
   with pytest.raises(ValueError, match=r"x_pope_random\.json: malformed JSON at line 2"):
-    S.load_pope(tmp_path / "pope", tmp_path)
+    load_pope(tmp_path / "pope", tmp_path)
 
 
 def test_missing_field_names_record_and_field(tmp_path):
@@ -443,46 +457,52 @@ def test_missing_field_names_record_and_field(tmp_path):
   path = _write(tmp_path / "p" / "coco_pope_random.json",
                 json.dumps({"question_id": 9, "image": "i.jpg", "label": "yes"}) + "\n")
   with pytest.raises(ValueError, match=r"coco_pope_random\.json: record 9 has no field 'text'"):
-    S.load_pope(path, tmp_path)
+    load_pope(path, tmp_path)
   path = _json(tmp_path / "g.json", {"q7": {"question": "x", "imageId": "i"}})
   with pytest.raises(ValueError, match=r"g\.json: record 'q7' has no field 'answer'"):
-    S.load_gqa(path, tmp_path)
+    load_gqa(path, tmp_path)
   p = _json(tmp_path / "problems.json", {"1": {"question": "q", "answer": 0, "image": "i.jpg"}})
   s = _json(tmp_path / "pid_splits.json", {"test": ["1"]})
   with pytest.raises(ValueError, match=r"problems\.json: record '1' has no field 'choices'"):
-    S.load_scienceqa(p, s, tmp_path)
+    load_scienceqa(p, s, tmp_path)
   q = _json(tmp_path / "q.json",
             {"questions": [{"question_id": 3, "question": "x", "image": "i.jpg"}]})
   a = _json(tmp_path / "a.json", {"annotations": [{"question_id": 3}]})
   with pytest.raises(ValueError, match=r"a\.json: record '3' has no field 'answers'"):
-    S.load_vqav2(q, a, tmp_path)
+    load_vqav2(q, a, tmp_path)
 
 
 def test_missing_image_names_question(tmp_path):
   path = _json(tmp_path / "g.json", {"q5": {"question": "x", "answer": "y", "imageId": "gone"}})
   with pytest.raises(FileNotFoundError, match=r"gqa question q5: image not found: .*gone\.jpg"):
-    S.load_gqa(path, tmp_path)
+    load_gqa(path, tmp_path)
   p, s, images = _scienceqa_files(tmp_path)
   os.remove(os.path.join(images, "test", "1", "image.png"))
   with pytest.raises(FileNotFoundError, match=r"scienceqa question 1: image not found"):
-    S.load_scienceqa(p, s, images)
+    load_scienceqa(p, s, images)
 
 
 def test_scorers_reject_missing_and_unknown_predictions():
-  qs = [S.Question(f"q{i}", None, "p", "yes", {"split": "random"}) for i in range(3)]
+  qs = [Question(f"q{i}", None, "p", "yes", {"split": "random"}) for i in range(3)]
   with pytest.raises(ValueError, match=r"no prediction for 2 of 3 questions: 'q1', 'q2'"):
-    S.score_pope(qs, {"q0": "yes"})
+    score_pope(qs, {"q0": "yes"})
   with pytest.raises(ValueError, match=r"unknown question ids: 'zz'"):
-    S.score_pope(qs, {"q0": "yes", "q1": "no", "q2": "no", "zz": "no"})
+    score_pope(qs, {"q0": "yes", "q1": "no", "q2": "no", "zz": "no"})
   with pytest.raises(ValueError, match="no reference answer"):
-    S.score_gqa([S.Question("g", None, "p", None, {})], {"g": "x"})
+    score_gqa([Question("g", None, "p", None, {})], {"g": "x"})
 
 
 def test_registry():
-  assert set(S.BENCHMARKS) == {"scienceqa", "pope", "mme", "gqa", "vqav2", "textvqa", "vizwiz",
+  assert set(registry.REGISTRY) == {"scienceqa", "pope", "mme", "gqa", "vqav2", "textvqa", "vizwiz",
                                "mmbench", "synthetic"}
-  load, score = S.BENCHMARKS["gqa"]
-  assert load is S.load_gqa and score is S.score_gqa
+  gqa = registry.REGISTRY["gqa"]
+  assert gqa.load is load_gqa and gqa.score is score_gqa and gqa.headline == "accuracy"
+  assert registry.builtin_names() == ("synthetic", "pope", "scienceqa", "vqav2", "gqa")
+  # The config's benchmark blocks are the registry's: every path field starts unset.
+  paths = config_lib.benchmark_paths()
+  assert set(paths) == set(registry.REGISTRY) - {"synthetic"}
+  assert dict(paths.vqav2) == {"questions": "", "annotations": "", "image_folder": ""}
+  assert registry.get("mmbench").path_fields == ("tsv",) and paths.mmbench.circular
 
 
 # ---------------------------------------------------------------------------
@@ -492,38 +512,38 @@ def test_synthetic_benchmarks(tmp_path):
   info = synthetic.generate(str(tmp_path), n_caption=2, n_instruct=2, n_eval_per_type=4)
   d = str(tmp_path)
 
-  pope = S.load_pope(os.path.join(d, "pope"), d)
+  pope = load_pope(os.path.join(d, "pope"), d)
   assert {q.meta["split"] for q in pope} == {"random", "popular", "adversarial"}
-  m = S.score_pope(pope, {q.qid: q.answer for q in pope})
+  m = score_pope(pope, {q.qid: q.answer for q in pope})
   assert m["f1"] == 1.0 and m["accuracy"] == 1.0
-  m = S.score_pope(pope, {q.qid: "Yes" for q in pope})
+  m = score_pope(pope, {q.qid: "Yes" for q in pope})
   assert m["f1"] == pytest.approx(info["benchmark_chance"]["pope"]["f1_always_yes"])
 
-  sqa = S.load_scienceqa(os.path.join(d, "scienceqa", "problems.json"),
+  sqa = load_scienceqa(os.path.join(d, "scienceqa", "problems.json"),
                          os.path.join(d, "scienceqa", "pid_splits.json"), d)
   assert len(sqa) == 4
-  m = S.score_scienceqa(sqa, {q.qid: q.answer for q in sqa})
+  m = score_scienceqa(sqa, {q.qid: q.answer for q in sqa})
   assert m["accuracy"] == 1.0 and m["unparsed"] == 0
   # The prompts are the human turns of LLaVA's question file, less "<image>\n".
   with open(os.path.join(d, "scienceqa", "llava_test.json")) as f:
     llava = {r["id"]: r["conversations"][0]["value"] for r in json.load(f)}
   assert {q.qid: "<image>\n" + q.prompt for q in sqa} == llava
 
-  vqa = S.load_vqav2(os.path.join(d, "vqa", "questions.json"),
+  vqa = load_vqav2(os.path.join(d, "vqa", "questions.json"),
                      os.path.join(d, "vqa", "annotations.json"), d)
   assert len(vqa) == 4
-  assert S.score_vqav2(vqa, {q.qid: q.meta["multiple_choice_answer"] for q in vqa})[
+  assert score_vqav2(vqa, {q.qid: q.meta["multiple_choice_answer"] for q in vqa})[
       "accuracy"] == 1.0
 
-  gqa = S.load_gqa(os.path.join(d, "gqa", "testdev_balanced_questions.json"), d)
+  gqa = load_gqa(os.path.join(d, "gqa", "testdev_balanced_questions.json"), d)
   assert len(gqa) == 4
-  assert S.score_gqa(gqa, {q.qid: q.answer for q in gqa})["accuracy"] == 1.0
-  syn = S.load_synthetic(os.path.join(d, "eval.json"), d)
+  assert score_gqa(gqa, {q.qid: q.answer for q in gqa})["accuracy"] == 1.0
+  syn = load_synthetic(os.path.join(d, "eval.json"), d)
   assert len(syn) == 4 * len(synthetic.IMAGE_TYPES)
-  m = S.score_synthetic(syn, {q.qid: q.answer.capitalize() + "." for q in syn})
+  m = score_synthetic(syn, {q.qid: q.answer.capitalize() + "." for q in syn})
   assert m["accuracy"] == 1.0 and set(m) >= {f"type/{t}" for t in synthetic.IMAGE_TYPES}
   wrong = {q.qid: (q.answer if q.meta["type"] == "count" else "zzz") for q in syn}
-  m = S.score_synthetic(syn, wrong)
+  m = score_synthetic(syn, wrong)
   assert m["type/count"] == 1.0 and m["type/colour"] == 0.0
   assert m["accuracy"] == pytest.approx(1 / len(synthetic.IMAGE_TYPES))
   for q in pope + sqa + vqa + gqa + syn:
@@ -534,31 +554,30 @@ def test_synthetic_benchmarks(tmp_path):
 # Baselines (chance and image-blind), in each benchmark's headline metric.
 
 def test_question_prefix_is_the_question_form():
-  assert S.question_prefix("Is there an apple in the image?") == "is there a"
-  assert S.question_prefix("Is there a dog in the image?\nAnswer yes.") == "is there a"
-  assert S.question_prefix("What color is the car?") == "what color is"
-  assert S.question_prefix("How many?") == "how many"
+  assert question_prefix("Is there an apple in the image?") == "is there a"
+  assert question_prefix("Is there a dog in the image?\nAnswer yes.") == "is there a"
+  assert question_prefix("What color is the car?") == "what color is"
+  assert question_prefix("How many?") == "how many"
 
 
 def test_pope_baselines_by_hand(tmp_path):
   _pope_split(tmp_path, "random", ["yes", "yes", "yes", "yes", "no"])
   _pope_split(tmp_path, "popular", ["no", "no", "yes"])
   _pope_split(tmp_path, "adversarial", ["no", "yes"])  # A tie: "yes" is more frequent overall.
-  qs = S.load_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
-  b = S.baselines("pope", qs)
+  qs = load_pope(str(tmp_path / "pope"), str(tmp_path / "img"))
+  b = registry.baselines("pope", qs)
   assert set(b) == {"chance", "image_blind"}
   # chance: F1 of always "yes" per split (2p / (1 + p), p the yes rate), averaged.
   assert b["chance"] == pytest.approx((2 * .8 / 1.8 + 0.5 + 2 / 3) / 3)
   # image-blind: one form per split; random -> "yes", popular -> "no" (F1 0),
   # adversarial -> "yes" (the tie goes to the answer more frequent in all files).
   assert b["image_blind"] == pytest.approx((2 * .8 / 1.8 + 0.0 + 2 / 3) / 3)
-  assert S.baselines_pope(qs) == b
 
 
 def test_scienceqa_and_mmbench_baselines(tmp_path):
   p, s, images = _scienceqa_files(tmp_path)
-  qs = S.load_scienceqa(p, s, images)
-  b = S.baselines("scienceqa", qs)
+  qs = load_scienceqa(p, s, images)
+  b = registry.baselines("scienceqa", qs)
   assert b["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
   assert b["image_blind"] == 1.0  # One question per form: its own answer is the majority.
   img, _ = _b64_png((10, 200, 30))
@@ -567,18 +586,18 @@ def test_scienceqa_and_mmbench_baselines(tmp_path):
        "answer": "B", "category": "c", "image": img},
       {"index": "6", "question": "Which shape?", "A": "circle", "B": "square",
        "answer": "A", "category": "s", "image": img}])
-  mm = S.load_mmbench(path, tmp_path / "cache")
-  b = S.baselines("mmbench", mm)
+  mm = load_mmbench(path, tmp_path / "cache")
+  b = registry.baselines("mmbench", mm)
   # Circular: every rotation right, (1/3)^3 and (1/2)^2.
   assert b["chance"] == pytest.approx(((1 / 3) ** 3 + (1 / 2) ** 2) / 2)
   assert b["image_blind"] == 0.0  # One letter for every rotation is never all right.
-  single = S.load_mmbench(path, tmp_path / "cache", circular=False)
-  assert S.baselines("mmbench", single)["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+  single = load_mmbench(path, tmp_path / "cache", circular=False)
+  assert registry.baselines("mmbench", single)["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
 
 
 def test_mme_baselines_by_hand(tmp_path):
   _mme_folder(tmp_path)
-  b = S.baselines("mme", S.load_mme(tmp_path))
+  b = registry.baselines("mme", load_mme(tmp_path))
   # Perception (existence, artwork): per subtask 50 (acc) + 100 x 0.5^2 (acc+).
   assert b["chance"] == pytest.approx(2 * (50 + 25))
   # Forms: "is it red" -> yes, "is it blue" -> no, "is there a" (cat yes, dog no: a tie
@@ -589,27 +608,31 @@ def test_mme_baselines_by_hand(tmp_path):
 
 def test_vqa_and_gqa_baselines_by_hand():
   def q(qid, text, answers, qtype):
-    return S.Question(qid, None, text + SHORT, answers,
+    return Question(qid, None, text + SHORT, answers,
                       {"question_type": qtype, "multiple_choice_answer": None})
   qs = [q("1", "What color is the car?", ["red"] * 10, "what color is the"),
         q("2", "What color is the bus?", ["blue"] * 8 + ["red"] * 2, "what color is the"),
         q("3", "What color is the van?", ["red"] * 9 + ["white"], "what color is the"),
         q("4", "How many dogs?", ["2"] * 10, "how many")]
-  b = S.baselines("vqav2", qs)
+  b = registry.baselines("vqav2", qs)
   assert b["chance"] == 0.0
   # "what color is the" -> "red" (2 of 3): 1.0, 0.6 (2 humans said red), 1.0; "how many": 1.
   assert b["image_blind"] == pytest.approx((1 + 0.6 + 1 + 1) / 4)
-  gqa = [S.Question(f"g{i}", None, t + SHORT, a, {"detailed": d}) for i, (t, a, d) in
+  gqa = [Question(f"g{i}", None, t + SHORT, a, {"detailed": d}) for i, (t, a, d) in
          enumerate([("What color is it?", "red", "color"), ("Which color?", "red", "color"),
                     ("What color is that?", "blue", "color"), ("Is it left?", "no", "place")])]
-  b = S.baselines("gqa", gqa)
+  b = registry.baselines("gqa", gqa)
   assert b == {"chance": 0.0, "image_blind": pytest.approx(3 / 4)}
 
 
 def test_synthetic_baselines_reuse_chance_rates(tmp_path):
   info = synthetic.generate(str(tmp_path), n_caption=2, n_instruct=2, n_eval_per_type=5)
-  syn = S.load_synthetic(os.path.join(str(tmp_path), "eval.json"), str(tmp_path))
-  b = S.baselines("synthetic", syn)
+  syn = load_synthetic(os.path.join(str(tmp_path), "eval.json"), str(tmp_path))
+  # The image-blind baseline comes from the questions; chance needs the generator's answer
+  # sets, which the caller passes in.
+  assert registry.baselines("synthetic", syn)["chance"] is None
+  b = registry.baselines("synthetic", syn, chance=lambda qs: np.mean(
+      [1 / synthetic.n_answers(q.meta) for q in qs]))
   # The same number of questions per type: the overall rates are the means over types.
   assert b["chance"] == pytest.approx(np.mean(list(info["chance_uniform"].values())))
   assert b["image_blind"] == pytest.approx(np.mean(list(info["chance"].values())))
@@ -618,12 +641,12 @@ def test_synthetic_baselines_reuse_chance_rates(tmp_path):
 
 def test_baselines_errors():
   with pytest.raises(ValueError, match=r"no baselines for benchmark 'coco'"):
-    S.baselines("coco", [])
+    registry.baselines("coco", [])
   with pytest.raises(ValueError, match=r"gqa: no questions"):
-    S.baselines("gqa", [])
-  with pytest.raises(ValueError, match=r"pope: 1 questions have no reference answer.*'x'"):
-    S.baselines("pope", [S.Question("x", None, "Is there a cat?", None, {"split": "r"})])
-  assert set(S.BASELINES) == set(S.BENCHMARKS) == set(S.HEADLINE)
+    registry.baselines("gqa", [])
+  with pytest.raises(ValueError, match=r"pope: 1 of 1 questions have no reference answer.*'x'"):
+    registry.baselines("pope", [Question("x", None, "Is there a cat?", None, {"split": "r"})])
+  assert set(registry.headlines()) == set(registry.REGISTRY)
 
 
 # ---------------------------------------------------------------------------
@@ -635,7 +658,7 @@ def test_missing_images_name_the_question_file_and_record(tmp_path):
       json.dumps({"question_id": i, "image": name, "text": "Is there a cat?", "label": "no"})
       for i, name in ((1, "ok.jpg"), (2, "gone.jpg"))) + "\n")
   with pytest.raises(FileNotFoundError) as e:
-    S.load_pope(pope, tmp_path / "img")
+    load_pope(pope, tmp_path / "img")
   msg = str(e.value)
   assert msg.startswith(f"{pope}: pope question random/2 (record 2): image not found: ")
   assert msg.endswith("gone.jpg") and "\n" not in msg
@@ -646,16 +669,16 @@ def test_missing_images_name_the_question_file_and_record(tmp_path):
                                                   for i in (1, 5)]})
   with pytest.raises(FileNotFoundError, match=rf"^{q}: vqav2 question 5 \(question 1\): "
                      r"image not found: .*lost\.jpg$"):
-    S.load_vqav2(q, a, tmp_path / "img")
+    load_vqav2(q, a, tmp_path / "img")
   p, s, images = _scienceqa_files(tmp_path / "sqa")
   os.remove(os.path.join(images, "flat", "2.png"))
   with pytest.raises(FileNotFoundError, match=rf"^{p}: scienceqa question 2: image not found"):
-    S.load_scienceqa(p, s, images)
+    load_scienceqa(p, s, images)
   _mme_folder(tmp_path / "mme")
   os.remove(tmp_path / "mme" / "artwork" / "images" / "d.png")
   with pytest.raises(FileNotFoundError, match=r"questions_answers_YN/d\.txt: mme question "
                      r"artwork/d/0: image not found"):
-    S.load_mme(tmp_path / "mme")
+    load_mme(tmp_path / "mme")
 
 
 def test_broken_records_name_file_and_record(tmp_path):
@@ -665,11 +688,42 @@ def test_broken_records_name_file_and_record(tmp_path):
                [good, {**good, "question_id": 2, "label": "maybe"}])
   with pytest.raises(ValueError, match=r"x_pope_random\.json: record 2 label 'maybe' is not "
                      r"yes/no"):
-    S.load_pope(path, tmp_path)
+    load_pope(path, tmp_path)
   path = _write(tmp_path / "q2.json", json.dumps({"questions": [{"question": "x"}]}))
   with pytest.raises(ValueError, match=r"q2\.json: record 'question 0' has no field "
                      r"'question_id'"):
-    S.load_vqav2(path, None, tmp_path)
+    load_vqav2(path, None, tmp_path)
   path = _write(tmp_path / "problems.json", '{"1": {"question": "q",, }}')
   with pytest.raises(ValueError, match=r"problems\.json: malformed JSON at line 1"):
-    S.load_scienceqa(path, path, tmp_path)
+    load_scienceqa(path, path, tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# The results table.
+
+def test_table_reproduces_the_trainers_table():
+  """Label column, integer / 2-decimal / 3-decimal columns, blank cells, a long label."""
+  ms = [1, 16]
+  acc = {"colour": {1: 0.5, 16: 0.875}, "count_something_long": {1: 0.25, 16: 1.0}}
+  count, chance, loss = {"colour": 120, "count_something_long": 7}, {"colour": 1 / 6}, \
+      {1: 1.2345, 16: 0.5}
+  from mqt import train_eval  # pylint: disable=import-outside-toplevel
+  got = train_eval.format_table({"accuracy": acc, "count": count, "loss": loss}, ms, chance)
+  assert got.split("\n") == [
+      "question type     n  chance     m=1    m=16",
+      "-------------------------------------------",
+      "colour          120    0.17   0.500   0.875",
+      "count_something_long    7           0.250   1.000",
+      "loss                          1.234   0.500"]
+
+
+def test_table_row_formats_text_cells_and_notes():
+  cols = [Column("m=2", 10), Column("m=4", 10)]
+  rows = [Row("pope f1", [0.5, 0.75]), Row("  baselines", note="  chance 0.667"),
+          Row("GFLOPs", [1234.5, 0.01234], fmt=".4g"), Row("tok/s", ["n/a", "1,234"])]
+  assert format_table(cols, rows, label=("", 12), rule="").split("\n") == [
+      "                   m=2       m=4",
+      "pope f1          0.500     0.750",
+      "  baselines   chance 0.667",
+      "GFLOPs            1234   0.01234",
+      "tok/s              n/a     1,234"]

@@ -12,9 +12,12 @@ from flax import linen as nn
 
 from configs import tiny
 from mqt import memory as mem_lib
+from mqt import optim
 from mqt import sharding as shard_lib
 from mqt import train
-from mqt.model import ModelConfig, abstract_params
+from mqt import params as params_lib
+from mqt import plan
+from mqt.model import ModelConfig, MQTLLaVA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("peak_bytes_per_device", "params_bytes_per_device", "opt_state_bytes_per_device",
@@ -23,11 +26,11 @@ KEYS = ("peak_bytes_per_device", "params_bytes_per_device", "opt_state_bytes_per
 
 def _abstract_state(config, mesh, stage="stage1"):
   model_cfg = ModelConfig.from_config(config.model)
-  params = shard_lib.abstract_sharded(abstract_params(model_cfg)["params"], mesh,
-                                     tuple(config.sharding.logical_axis_rules))
-  tx, labels, _ = train.optim.make_optimizer(params, config[stage].optim, 10)
-  make_state = train.state_initializer(tx, labels, 0)
-  return params, labels, make_state, train.abstract_train_state(make_state, params, labels, mesh)
+  params = params_lib.abstract_sharded_params(model_cfg, mesh,
+                                             config.sharding.logical_axis_rules)
+  tx, labels, _ = optim.make_optimizer(params, config[stage].optim, 10)
+  make_state = params_lib.state_initializer(tx, labels)
+  return params, labels, make_state, params_lib.abstract_train_state(make_state, params, labels, mesh)
 
 
 def test_every_optimizer_state_leaf_is_sharded_like_its_parameter():
@@ -35,7 +38,7 @@ def test_every_optimizer_state_leaf_is_sharded_like_its_parameter():
   mesh = shard_lib.make_mesh(dict(data=1, fsdp=4, tensor=2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.logical_axis_rules)):
     params, labels, make_state, abstract = _abstract_state(config, mesh)
-    trainable, _ = train.optim.partition(params, labels)
+    trainable, _ = optim.partition(params, labels)
     seen = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["opt_state"]):
       key = next((k.key for k in reversed(path) if getattr(k, "key", None) in trainable), None)
@@ -53,9 +56,9 @@ def test_every_optimizer_state_leaf_is_sharded_like_its_parameter():
     assert mem_lib.shard_bytes(abstract["opt_state"]) < 0.6 * 2 * total
     # The state a run creates has exactly these shardings.
     model_cfg = ModelConfig.from_config(config.model)
-    real = train._random_params(0, model_cfg, train.MQTLLaVA(model_cfg),
-                                train.shardings_of(abstract["params"]))
-    state = jax.jit(make_state, out_shardings=train.shardings_of(abstract))(real)
+    real = params_lib.random_params(0, model_cfg, MQTLLaVA(model_cfg),
+                                params_lib.shardings_of(abstract["params"]))
+    state = jax.jit(make_state, out_shardings=params_lib.shardings_of(abstract))(real)
     for got, want in zip(jax.tree.leaves(state["opt_state"]),
                          jax.tree.leaves(abstract["opt_state"])):
       assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
@@ -96,7 +99,7 @@ def test_a_step_that_does_not_fit_stops_before_any_parameter_exists(tmp_path, mo
   touched = []
   for name in ("fresh_params", "_random_params", "load_params", "open_source"):
     monkeypatch.setattr(train, name, lambda *a, _n=name, **k: touched.append(_n))
-  with pytest.raises(train.StepDoesNotFitError,
+  with pytest.raises(plan.StepDoesNotFitError,
                      match=r"\[stage1\] the train step needs [\d.]+ MiB per device \(parameters "
                      r"[\d.]+ MiB, optimizer state [\d.]+ MiB, temporaries [\d.]+ MiB\), more "
                      r"than the 1.0 MiB of config.device_memory_gib=0.001; stopped before "
@@ -109,11 +112,11 @@ def test_a_step_that_does_not_fit_stops_before_any_parameter_exists(tmp_path, mo
 def test_memory_line_names_the_limit_it_checks():
   mem = {"params_bytes_per_device": 2**30, "opt_state_bytes_per_device": 2 * 2**30,
          "temp_bytes_per_device": 5 * 2**30, "peak_bytes_per_device": 9 * 2**30}
-  line = train.memory_line("stage2", mem, 80 * 2**30, "config.device_memory_gib=80")
+  line = plan.memory_line("stage2", mem, 80 * 2**30, "config.device_memory_gib=80")
   assert line.endswith("peak 9.00 GiB; fits in 80.00 GiB (config.device_memory_gib=80)"), line
-  line = train.memory_line("stage2", mem, 8 * 2**30, "the H100's bytes_limit")
+  line = plan.memory_line("stage2", mem, 8 * 2**30, "the H100's bytes_limit")
   assert "does NOT fit in 8.00 GiB (the H100's bytes_limit)" in line
-  line = train.memory_line("stage2", mem, None, "none")
+  line = plan.memory_line("stage2", mem, None, "none")
   assert "TPU v5e (16 GiB): yes" in line and "A100 40GB (40 GiB): yes" in line
   assert np.isclose(mem_lib.device_memory_limit(tiny.get_config())[0] or 0, 0)  # CPU: none.
 
@@ -126,7 +129,7 @@ def test_chunked_loss_equals_the_loss_of_full_logits(chunk):
   model_cfg = ModelConfig.from_config(tiny.get_config().model)
   model = MQTLLaVA(model_cfg)
   batch = _batch(model_cfg, b=4, t=12)
-  params = train._random_params(0, model_cfg, model, None)
+  params = params_lib.random_params(0, model_cfg, model, None)
   args = (batch["images"], batch["input_ids"], batch["text_mask"], 5)
 
   def full(p):

@@ -12,6 +12,8 @@ import pytest
 
 from configs import mqt_llava, tiny
 from mqt import train
+from mqt import params as params_lib
+from mqt import run_inputs
 
 
 def _tiny(tmp_path, data_dir, **stage1):
@@ -109,12 +111,12 @@ def test_builtin_data_is_prepared_by_process_0_before_the_others_look(
   events = []
   monkeypatch.setattr(jax, "process_count", lambda: processes)
   monkeypatch.setattr(jax, "process_index", lambda: index)
-  monkeypatch.setattr(train.multihost_utils, "sync_global_devices",
+  monkeypatch.setattr(run_inputs.multihost_utils, "sync_global_devices",
                       lambda name: events.append("barrier"))
   monkeypatch.setattr(prepare, "ensure_builtin",
                       lambda data_dir, **kw: events.append("prepare") or data_dir + "/root")
   config = _tiny(tmp_path, tmp_path / "data")
-  assert train.prepare_builtin(config, str(tmp_path)) == str(tmp_path / "data") + "/root"
+  assert run_inputs.prepare_builtin(config, str(tmp_path)) == str(tmp_path / "data") + "/root"
   assert events == order
 
 
@@ -135,18 +137,17 @@ def test_stage2_reinit_starts_the_matching_parameters_afresh(tmp_path):
 
   from flax import linen as nn
   from mqt import sharding as shard_lib
-  from mqt.model import abstract_params
   model_cfg = ModelConfig.from_config(config.model)
   mesh = shard_lib.make_mesh(config.sharding.mesh)
   rules = tuple(config.sharding.logical_axis_rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     flat = lambda p: traverse_util.flatten_dict(jax.device_get(p), sep="/")
-    one, two = (flat(train.load_params(str(tmp_path / "run" / s / "checkpoints"), model_cfg,
+    one, two = (flat(params_lib.load_params(str(tmp_path / "run" / s / "checkpoints"), model_cfg,
                                        mesh, config)) for s in ("stage1", "stage2"))
-    shardings = shard_lib.param_shardings(abstract_params(model_cfg)["params"], mesh, rules)
-    fresh = flat(train._random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
+    shardings = params_lib.param_shardings(model_cfg, mesh, rules)
+    fresh = flat(params_lib.random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
                                       shardings))
-    part = flat(train._random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
+    part = flat(params_lib.random_params(config.seed + 2, model_cfg, MQTLLaVA(model_cfg),
                                      shardings, only="^llm/"))
   assert set(part) == {k for k in fresh if k.startswith("llm/")} and part
   for path, value in part.items():  # The partial init is the same draw as the full one.
@@ -158,7 +159,7 @@ def test_stage2_reinit_starts_the_matching_parameters_afresh(tmp_path):
     else:
       np.testing.assert_array_equal(two[path], one[path], err_msg=path)
   with pytest.raises(ValueError, match=r"stage2.reinit='\^lm/' matches no parameter"):
-    train.reinit_params({"llm": {"w": np.zeros(2)}}, "^lm/", {"llm": {"w": np.ones(2)}},
+    params_lib.reinit_params({"llm": {"w": np.zeros(2)}}, "^lm/", {"llm": {"w": np.ones(2)}},
                         "stage2")
 
 
@@ -178,10 +179,10 @@ def test_m_out_of_range_is_named_before_any_training(tmp_path):
 
 def test_the_evaluation_is_skipped_for_user_data_without_held_out_data(tmp_path):
   config = _tiny(tmp_path, tmp_path / "data")
-  assert train.eval_skip_reason(config) is None  # Built-in training keeps its evaluation.
+  assert run_inputs.eval_skip_reason(config) is None  # Built-in training keeps its evaluation.
   config.stage1.data.kind = "json"
-  reason = train.eval_skip_reason(config)
+  reason = run_inputs.eval_skip_reason(config)
   assert reason.startswith("stage1 trains on your data (kind json) but config.eval.data is "
                            "the built-in synthetic set; set --config.eval.data.json_path=")
   config.eval.data.kind = "json"
-  assert train.eval_skip_reason(config) is None
+  assert run_inputs.eval_skip_reason(config) is None

@@ -6,11 +6,13 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from mqt import config_lib, matryoshka, optim, train
+from mqt import config_lib, matryoshka, optim
 from mqt import sharding as shard_lib
-from mqt.jax_utils import count_compiles
+from bench.common import count_compiles
 from mqt.model import IGNORE, MQTLLaVA, ModelConfig, abstract_params
-from mqt.train import make_train_step
+from mqt.train_step import make_train_step
+from mqt import params as params_lib
+from mqt import plan
 
 
 def _setup(rules, lr=1e-3, accum=1, eps=1e-8):
@@ -46,9 +48,7 @@ def _state(model, cfg, tx, labels, shardings=None):
   images, ids, mask = dummy_inputs(cfg)
   init = lambda: nn.unbox(model.init(jax.random.key(0), images, ids, mask, 16))["params"]
   params = jax.jit(init, out_shardings=shardings)() if shardings else jax.jit(init)()
-  trainable, _ = optim.partition(params, labels)
-  return {"params": params, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-          "rng": jax.random.PRNGKey(0)}
+  return params_lib.state_initializer(tx, labels)(params)
 
 
 def test_fifty_official_steps_compile_once():
@@ -83,16 +83,16 @@ def test_sharded_equals_unsharded(accum):
                         (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
     mesh = shard_lib.make_mesh(spec, devices)
     rules_table = tuple(config.sharding.logical_axis_rules)
-    shardings = shard_lib.param_shardings(abstract_params(cfg)["params"], mesh, rules_table)
+    shardings = params_lib.param_shardings(cfg, mesh, rules_table)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules_table):
       params = _state(model, cfg, tx, labels, shardings)["params"]
-      make_state = train.state_initializer(tx, labels, 0)
-      abstract = train.abstract_train_state(
+      make_state = params_lib.state_initializer(tx, labels)
+      abstract = params_lib.abstract_train_state(
           make_state, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype,
                                                                   sharding=p.sharding), params),
           labels, mesh)
-      state = jax.jit(make_state, out_shardings=train.shardings_of(abstract))(params)
-      jitted = jax.jit(step, out_shardings=(train.shardings_of(abstract), None))
+      state = jax.jit(make_state, out_shardings=params_lib.shardings_of(abstract))(params)
+      jitted = jax.jit(step, out_shardings=(params_lib.shardings_of(abstract), None))
       losses = []
       for i in range(5):
         state, out = jitted(state, shard_lib.put_batch(batch, mesh), np.array([4 + 2 * i], np.int32))
@@ -252,4 +252,4 @@ def test_bucket_sizes_are_checked_and_official_m_skips_bucket_one():
     config.stage2.matryoshka.buckets = (0, 8)
   with pytest.raises(ValueError, match=r"--config\.stage2\.matryoshka\.buckets=\(0, 8\): "
                                        r"bucket size 0"):
-    train.stage_sampler(config, "stage2", config.stage2, cfg)
+    plan.stage_sampler(config, 2, cfg)

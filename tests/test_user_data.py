@@ -161,15 +161,17 @@ def test_the_dataset_is_real_and_broken_as_declared(ds):
 
 
 def test_the_benchmark_files_load_with_the_published_loaders(ds):
-  from mqt import scorers  # pylint: disable=import-outside-toplevel
-  pope = scorers.load_pope(ds["pope_folder"], ds["pope_image_folder"])
+  from mqt.benchmarks.pope import load_pope  # pylint: disable=import-outside-toplevel
+  from mqt.benchmarks.scienceqa import load_scienceqa  # pylint: disable=import-outside-toplevel
+  from mqt.benchmarks.vqav2 import load_vqav2  # pylint: disable=import-outside-toplevel
+  pope = load_pope(ds["pope_folder"], ds["pope_image_folder"])
   assert {q.meta["split"] for q in pope} == {"random", "popular", "adversarial"}
   assert len(pope) == 18 and {q.answer for q in pope} == {"yes", "no"}
-  sqa = scorers.load_scienceqa(ds["scienceqa_problems"], ds["scienceqa_pid_splits"],
-                               ds["scienceqa_image_folder"])
+  sqa = load_scienceqa(ds["scienceqa_problems"], ds["scienceqa_pid_splits"],
+                       ds["scienceqa_image_folder"])
   assert len(sqa) == 7  # The problem without an image is not in the IMG subset.
-  vqa = scorers.load_vqav2(ds["vqav2_questions"], ds["vqav2_annotations"],
-                           ds["vqav2_image_folder"])
+  vqa = load_vqav2(ds["vqav2_questions"], ds["vqav2_annotations"],
+                   ds["vqav2_image_folder"])
   assert len(vqa) == 6 and all(len(q.answer) == 10 for q in vqa)
   held = {os.path.abspath(os.path.join(ds["image_folder"], "heldout"))}
   assert all(os.path.dirname(q.image) in held for q in pope + sqa)

@@ -2,7 +2,7 @@
 
 `write(root, seed=0)` writes, under `root`:
 
-  images/            ~125 images from packages, not from data/synthetic.py:
+  images/            ~125 images from packages, not from data/synthetic/:
                      scikit-image photos (`skimage.data`: astronaut, chelsea, coffee,
                      rocket, camera, horse, coins, moon, clock, colorwheel, logo),
                      each resized, cropped, flipped and colour-tinted into 8 variants

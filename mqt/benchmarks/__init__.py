@@ -1,0 +1,1 @@
+"""The evaluation benchmarks: one module each, listed in `registry` (see its docstring)."""
