@@ -46,10 +46,10 @@ from data import synthetic
 from data import templates
 from data import tokenizer as tokenizer_lib
 from mqt import optim
+from mqt import params as params_lib
 from mqt import sharding
 from mqt.decoder import LlamaDecoder
 from mqt.model import IGNORE, ModelConfig, MQTLLaVA, attention_mask
-from mqt import params as params_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mqt_oracle", "Tokenizer and results go here.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Training steps.")

@@ -118,8 +118,8 @@ def data_iterator(source, pcfg, name: str, step: int, data_state):
   and one line says so. offset: the global batch number the dataset starts at."""
   if data_state is None:
     if step:
-      distributed.say(f"[{name}] the checkpoint of step {step} holds no data position; the data "
-           f"position was taken from the step")
+      distributed.say(f"[{name}] the checkpoint of step {step} holds no data position; the "
+                      f"data position was taken from the step")
     return iter(pipeline.make_dataset(source, pcfg, start_step=step)), step
   saved = (data_state if isinstance(data_state, dict) and "offset" in data_state
            else {"offset": 0, "worker_count": None, "grain": data_state})

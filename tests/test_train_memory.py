@@ -13,10 +13,11 @@ from flax import linen as nn
 from configs import tiny
 from mqt import memory as mem_lib
 from mqt import optim
-from mqt import sharding as shard_lib
-from mqt import train
 from mqt import params as params_lib
 from mqt import plan
+from mqt import run_inputs
+from mqt import sharding as shard_lib
+from mqt import train
 from mqt.model import ModelConfig, MQTLLaVA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,8 +98,9 @@ def test_a_step_that_does_not_fit_stops_before_any_parameter_exists(tmp_path, mo
   config.eval.ms = ()
   config.device_memory_gib = 0.001  # About 1 MiB: the tiny step needs more.
   touched = []
-  for name in ("fresh_params", "_random_params", "load_params", "open_source"):
-    monkeypatch.setattr(train, name, lambda *a, _n=name, **k: touched.append(_n))
+  for module, name in ((train, "fresh_params"), (train, "random_params"),
+                       (train, "load_params"), (run_inputs, "open_source")):
+    monkeypatch.setattr(module, name, lambda *a, _n=name, **k: touched.append(_n))
   with pytest.raises(plan.StepDoesNotFitError,
                      match=r"\[stage1\] the train step needs [\d.]+ MiB per device \(parameters "
                      r"[\d.]+ MiB, optimizer state [\d.]+ MiB, temporaries [\d.]+ MiB\), more "
