@@ -28,7 +28,6 @@ from data import templates
 from data import tokenizer as tokenizer_lib
 from mqt import cli
 from mqt import config_lib
-from mqt import convert
 from mqt import generate as gen
 from mqt import matryoshka
 from mqt import memory as mem_lib
@@ -353,10 +352,8 @@ def load_problems(found, config, workdir: str, checkpoint: str, skip=(),
 def model_config(config, checkpoint: str) -> ModelConfig:
   """The model's architecture: from the config, or for HF weights (checkpoint="hf", their
   files present) from the checkpoint's config.json and tensor shapes as well
-  (`convert.model_config_for_checkpoint`)."""
-  if checkpoint == "hf" and not params_lib.hf_init_problems(config):
-    return convert.model_config_for_checkpoint(config)
-  return ModelConfig.from_config(config.model)
+  (`params.model_config`)."""
+  return params_lib.model_config(config, hf=checkpoint == "hf")
 
 
 def plan_memory(config, model_cfg: ModelConfig, m: int, batch_size: int, text_len: int,

@@ -66,12 +66,14 @@ def reinit_params(params, pattern: str, fresh, name: str = "stage"):
       {**traverse_util.flatten_dict(params, sep="/"), **{k: new[k] for k in hits}}, sep="/")
 
 
-def model_config(config) -> ModelConfig:
-  """The architecture: config.model, or, with config.init.kind='hf' and its files present,
-  what the HF checkpoint records (`convert.model_config_for_checkpoint`: config.json and
-  tensor shapes override the config's defaults; a contradicting user setting is an
-  error). Without the files (a dry run) the config's own shapes."""
-  if config.init.kind == "hf" and not hf_init_problems(config):
+def model_config(config, hf: bool | None = None) -> ModelConfig:
+  """The architecture: config.model, or, for HF weights (`hf`; default: config.init.kind
+  is 'hf') whose files are present, what the HF checkpoint records
+  (`convert.model_config_for_checkpoint`: config.json and tensor shapes override the
+  config's defaults; a contradicting user setting is an error). Without the files (a
+  dry run) the config's own shapes."""
+  hf = config.init.kind == "hf" if hf is None else hf
+  if hf and not hf_init_problems(config):
     return convert.model_config_for_checkpoint(config)
   return ModelConfig.from_config(config.model)
 

@@ -39,8 +39,6 @@ from mqt.plan import StagePlan, check_batch_size, check_eval_ms, plan_stage, pla
 from mqt.plan import write_dry_run
 from mqt.run_inputs import stages_to_run
 
-_say = distributed.say
-
 
 class NonFiniteLossError(FloatingPointError):
   """A step gave a non-finite loss, gradient norm, parameter or optimizer state; its
@@ -97,14 +95,15 @@ def _start_state(config, n, model_cfg, model, plan, ckpt, init_params):
   """The stage's state: its newest checkpoint that restores, else a fresh one.
   -> (state, data state or None, run record state or None, restored step or None)."""
   name, stage_cfg = f"stage{n}", config[f"stage{n}"]
-  resumed = ckpt.restore_latest(plan.abstract_state, say=_say)
+  resumed = ckpt.restore_latest(plan.abstract_state, say=distributed.say)
   if resumed is not None:
     step, items = resumed
     logging.info("%s: resumed from step %d", name, step)
-    _say(f"[{name}] resumed from checkpoint at step {step}")
+    distributed.say(f"[{name}] resumed from checkpoint at step {step}")
     if "run" not in items:
-      _say(f"[{name}] the checkpoint of step {step} has no run record (an older version "
-           f"wrote it): final_loss and the data counts cover the steps from {step} on")
+      distributed.say(f"[{name}] the checkpoint of step {step} has no run record (an older "
+                      f"version wrote it): final_loss and the data counts cover the steps "
+                      f"from {step} on")
     return items["state"], items.get("data"), items.get("run"), step
   p_shard = shardings_of(plan.abstract_state)["params"]
   params = init_params if init_params is not None else fresh_params(
@@ -141,7 +140,7 @@ def train_stage(config, n: int, model_cfg: ModelConfig, mesh, workdir: str, init
   source = run_inputs.open_source(config, stage_cfg.data, workdir, on_error=config.data.on_error)
   pcfg = run_inputs.pipeline_config(config, stage_cfg.data, model_cfg, workdir, train=True,
                          where=f"config.{name}.data")
-  say = lambda line: _say(f"[{name}] {line}")
+  say = lambda line: distributed.say(f"[{name}] {line}")
   state, data_state, run_state, restored = _start_state(
       config, n, model_cfg, model, plan, ckpt, init_params)
   start = int(jax.device_get(state["step"]))
@@ -219,7 +218,7 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
   figures of `write_dry_run`."""
   t0 = time.perf_counter()
   for note in config_lib.infer_data_kinds(config, cli.user_settings()):
-    _say(f"note: {note}")
+    distributed.say(f"note: {note}")
   if not dry_run:
     run_inputs.check_paths(config)
     run_inputs.check_builtin_dir(config, workdir)
@@ -259,7 +258,7 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
               f"again to continue.")
     skipped = run_inputs.eval_skip_reason(config)
     if skipped and config.eval.ms and params is not None:
-      _say(f"the end-of-run evaluation is skipped: {skipped}")
+      distributed.say(f"the end-of-run evaluation is skipped: {skipped}")
       summary["eval"] = {"skipped": skipped}
     elif config.eval.ms and params is not None:
       ms = [int(m) for m in config.eval.ms]
@@ -267,7 +266,7 @@ def train_and_evaluate(config, workdir: str, dry_run: bool = False) -> dict:
       chance = {**run_inputs.chance_rates(config.eval.data, result.pop("metas")),
                 **dict(config.eval.get("chance", {}) or {})}
       table = train_eval.format_table(result, ms, chance)
-      _say("\nheld-out teacher-forced answer accuracy per m:\n" + table)
+      distributed.say("\nheld-out teacher-forced answer accuracy per m:\n" + table)
       summary["eval"] = {"ms": ms, "chance": chance, **{k: {str(kk): vv for kk, vv in v.items()}
                                      for k, v in result.items() if k != "accuracy"},
                          "accuracy": {k: {str(m): a for m, a in v.items()}
