@@ -54,11 +54,12 @@ import time
 import jax
 import numpy as np
 from absl import flags
+from flax import linen as nn
 from flax import traverse_util
 
 from mqt import flops
 from mqt import optim
-from mqt.model import ModelConfig
+from mqt.model import MQTLLaVA, ModelConfig, dummy_inputs
 
 PARTS = ("vision", "query", "llm")  # The order data flows through the model.
 CONVENTION = "MaxText model FLOPs"
@@ -160,6 +161,22 @@ def param_counts(params, labels) -> dict:
 
 # ---------------------------------------------------------------------------
 # Timing and peak.
+
+def random_prefill_setup(cfg: ModelConfig, batch: int, text_len: int):
+  """-> (model, random params, images, prompt ids, mask) on the device: a prefill's
+  inputs at [batch, text_len], the <image> placeholder second, seeded."""
+  model = MQTLLaVA(cfg)
+  images, ids, mask = dummy_inputs(cfg)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), images, ids, mask,
+                                               cfg.query.num_queries))["params"])()
+  rng = np.random.default_rng(0)
+  s = cfg.vision.image_size
+  images = rng.normal(size=(batch, s, s, cfg.vision.channels)).astype(np.float32)
+  ids = rng.integers(3, cfg.llm.vocab_size, (batch, text_len)).astype(np.int32)
+  ids[:, 1] = cfg.image_token_id
+  mask = np.ones((batch, text_len), bool)
+  return (model, params, *jax.device_put((images, ids, mask)))
+
 
 def time_rounds(calls: dict, runs: int) -> dict:
   """{name: [seconds]}: warms every call once, then times each once per round over `runs`

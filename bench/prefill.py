@@ -41,7 +41,7 @@ from mqt import generate as gen
 from mqt import optim
 from bench.common import count_compiles
 from mqt.matryoshka import validate_m
-from mqt.model import MQTLLaVA, ModelConfig, abstract_params, dummy_inputs
+from mqt.model import ModelConfig, abstract_params
 
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed calls per (config, batch size, program); median.")
 _BATCH_SIZES = flags.DEFINE_list(
@@ -80,17 +80,7 @@ def bench(config, batch: int, ms, text_len: int, max_new: int, runs: int) -> lis
   cfg = ModelConfig.from_config(config.model)
   big_m = cfg.query.num_queries
   ms = sorted({validate_m(m, big_m) for m in ms if m <= big_m} | {big_m})
-  model = MQTLLaVA(cfg)
-  images, ids, mask = dummy_inputs(cfg)
-  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), images, ids, mask,
-                                               big_m))["params"])()
-  rng = np.random.default_rng(0)
-  s = cfg.vision.image_size
-  images = rng.normal(size=(batch, s, s, cfg.vision.channels)).astype(np.float32)
-  ids = rng.integers(3, cfg.llm.vocab_size, (batch, text_len)).astype(np.int32)
-  ids[:, 1] = cfg.image_token_id
-  mask = np.ones((batch, text_len), bool)
-  images, ids, mask = jax.device_put((images, ids, mask))
+  model, params, images, ids, mask = common.random_prefill_setup(cfg, batch, text_len)
   rows = []
   for m, num_latents in [(m, m) for m in ms] + [(m, None) for m in ms]:
     f = common.model_flops(cfg, text_len, m, batch, padded=num_latents is None)

@@ -184,26 +184,30 @@ def _batches(benches: dict, prompts: dict, text_len: int, bsz: int, pad_id: int)
 
 def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
           limit: int = 0, dry_run: bool = False,
-          chance: Mapping[str, Chance] | None = None) -> dict:
+          chance: Mapping[str, Chance] | None = None, pick_m=None) -> dict:
   """Runs every benchmark at every m; writes results, predictions and plots. The memory
   of the largest m is printed first, and a run that cannot fit stops before loading
   weights; `dry_run`: only that (no data or weights read), returning the figures.
   chance: benchmark name -> (questions -> its chance score), for the benchmarks whose
-  answer sets only the caller knows (the built-in synthetic set's)."""
+  answer sets only the caller knows (the built-in synthetic set's). pick_m: (model config,
+  prompt length, max new tokens) -> (m, a line saying why), called once the sweep's prompt
+  length is known (the longest prompt allowed on a dry run), before any weight is read: the
+  sweep runs at that m alone instead of `ms` (a budget, evaluate.py's --flops_budget)."""
   t_start = time.perf_counter()
-  if not ms:
+  if not ms and pick_m is None:
     raise ValueError("no m to evaluate: pass --ms=1,2,4,...")
   sources = check_benchmark_paths(config, names)  # Config only: no file read yet.
   # Fails fast, before data or compute.
   checkpoint, tok_path = run_inputs.resolve_paths(config, workdir, checkpoint)
   model_cfg = inference.model_config(config, checkpoint)
   num_queries = model_cfg.query.num_queries
-  ms = [matryoshka.validate_m(int(m), num_queries) for m in ms]
+  ms = [matryoshka.validate_m(int(m), num_queries) for m in ms or ()]
   gcfg = config.eval.generation
   max_text = config_lib.max_text_len(config, config.eval.data, "config.eval.data")
   bsz = int(gcfg.batch_size)
   if dry_run:  # No data: the longest prompt the evaluation's sequence length allows.
     _, sampling = inference.encode_prompts(config, tok_path, [], [], gcfg)
+    ms = _picked(pick_m, model_cfg, max_text, sampling.max_new_tokens) or ms
     return inference.plan_memory(config, model_cfg, max(ms), bsz, max_text, sampling, True)
   benches = load_benchmarks(config, names, workdir, limit)
   chance = chance or {}
@@ -212,6 +216,7 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
   prompts = _encode(config, tok, benches, max_text, num_queries)
   text_len = min(_round_up(max(len(p) for ps in prompts.values() for p in ps)), max_text)
   sampling = inference.sampling_config(gcfg, tok)
+  ms = _picked(pick_m, model_cfg, text_len, sampling.max_new_tokens) or ms
   inference.plan_memory(config, model_cfg, max(ms), bsz, text_len, sampling, False)
   loaded = inference.load(config, workdir, checkpoint, model_cfg)
   size = loaded.model_cfg.vision.image_size
@@ -263,6 +268,15 @@ def sweep(config, workdir: str, ms, names, out_dir: str, checkpoint: str = "",
   print("\n" + format_results(results), flush=True)
   print(f"\nresults, predictions and plots written to {out_dir}", flush=True)
   return results
+
+
+def _picked(pick_m, model_cfg, text_len: int, max_new_tokens: int) -> list[int]:
+  """[the m that pick_m chooses] (its line printed), or [] without pick_m."""
+  if pick_m is None:
+    return []
+  m, why = pick_m(model_cfg, text_len, max_new_tokens)
+  print(why, flush=True)
+  return [m]
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Entry points:
            num_latents=None)
       MQT-LLaVA: image -> m visual tokens spliced into the prompt -> decode.
   prefill(...)  the prompt pass alone (for latency measurements).
+  decode_from_cache(...)  the decode loop from a filled cache (adaptive passes).
 With `num_latents=m` (a Python int) the query transformer runs only m latents
 and the prompt is m - 1 slots longer than the text: the compiled program, its
 FLOPs and its latency shrink with m (one compile per distinct m). Without it,
@@ -91,8 +92,10 @@ def llm_prefill(llm_cfg: LlamaConfig, llm_params, embeds: jax.Array, lengths: ja
   return logits[:, 0], cache
 
 
-def _decode_loop(llm_cfg: LlamaConfig, llm_params, first_logits, cache, lengths, rng,
-                 sampling: SamplingConfig, return_logits: bool):
+def decode_from_cache(llm_cfg: LlamaConfig, llm_params, first_logits, cache, lengths, rng,
+                      sampling: SamplingConfig, return_logits: bool):
+  """The decode loop after a prompt pass: first_logits [B, V] (at each row's last prompt
+  slot), the cache it filled and the prompt lengths [B] -> `generate_from_embeds`' dict."""
   decoder = LlamaDecoder(llm_cfg)
   b = lengths.shape[0]
   n = sampling.max_new_tokens
@@ -146,7 +149,8 @@ def generate_from_embeds(llm_cfg: LlamaConfig, llm_params, embeds: jax.Array,
   lengths = jnp.asarray(lengths, jnp.int32)
   cache_len = embeds.shape[1] + sampling.max_new_tokens
   first, cache = llm_prefill(llm_cfg, llm_params, embeds, lengths, cache_len)
-  return _decode_loop(llm_cfg, llm_params, first, cache, lengths, rng, sampling, return_logits)
+  return decode_from_cache(llm_cfg, llm_params, first, cache, lengths, rng, sampling,
+                           return_logits)
 
 
 def generate_text(llm_cfg: LlamaConfig, llm_params, input_ids: jax.Array, lengths: jax.Array,
@@ -184,5 +188,5 @@ def generate(model: MQTLLaVA, params, images, input_ids, text_mask, m, rng,
   """
   first, cache, lengths = prefill(model, params, images, input_ids, text_mask, m,
                                   sampling.max_new_tokens, num_latents)
-  return _decode_loop(model.cfg.llm, params["llm"], first, cache, lengths, rng, sampling,
-                      return_logits)
+  return decode_from_cache(model.cfg.llm, params["llm"], first, cache, lengths, rng, sampling,
+                           return_logits)

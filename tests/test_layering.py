@@ -4,8 +4,9 @@
   a run (parameters of a run, inputs, training, inference, evaluation) nor from data/.
 - data/ imports nothing from mqt/.
 - The trainer imports neither inference nor evaluation, inference imports neither
-  the trainer nor evaluation, and no module reachable from mqt/inference.py or
-  mqt/evaluate.py imports the trainer (mqt/train.py and the modules only it uses).
+  the trainer nor evaluation, and no module reachable from what answers questions
+  (inference, evaluation, serving, the server, budgets, adaptive m) imports the trainer
+  (mqt/train.py and the modules only it uses).
   Evaluation runs the inference programs, so it may import mqt/inference.py.
 
 Imports are read from the source (function-local ones included), so a violation
@@ -19,7 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL_LAYER = ("layers", "vision", "query_transformer", "decoder", "model", "generate",
                "matryoshka", "sharding", "maps", "flops", "optim", "memory")
 RUN_LAYER = ("params", "run_inputs", "train", "train_step", "train_eval", "plan", "inference",
-             "evaluate", "export", "checkpoint", "metrics", "validate", "preemption")
+             "evaluate", "export", "checkpoint", "metrics", "validate", "preemption",
+             "budget", "serving", "adaptive", "chat_api", "server")
+# What answers questions never reaches the trainer.
+SERVING_ENTRY_POINTS = ("mqt.inference", "mqt.evaluate", "mqt.serving", "mqt.server",
+                        "mqt.budget", "mqt.adaptive")
 TRAINER = ("mqt.train", "mqt.train_step", "mqt.train_eval", "mqt.plan")
 FORBIDDEN = (("mqt.train", "mqt.inference"), ("mqt.train", "mqt.evaluate"),
              ("mqt.inference", "mqt.train"), ("mqt.inference", "mqt.evaluate"),
@@ -93,7 +98,9 @@ def violations(root: pathlib.Path) -> list[str]:
       continue
     found += [f"{name} (model layer) imports {dep}" for dep in imports_of(root, name)
               if dep in run or dep.split(".")[0] == "data"]
-  for start in ("mqt.inference", "mqt.evaluate"):
+  for start in SERVING_ENTRY_POINTS:
+    if module_file(root, start) is None:
+      continue
     chains = reachable(root, start)
     found += [f"{start} reaches the trainer: {' -> '.join(chains[t])}"
               for t in TRAINER if t in chains]
