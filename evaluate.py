@@ -24,8 +24,6 @@ The built-in benchmark files (the synthetic held-out splits in the published for
 are prepared once (`run_inputs.prepare_builtin_benchmarks`) before the sweep reads
 them; the synthetic set's chance baseline comes from its generator's answer sets.
 """
-import math
-
 from absl import flags
 
 from mqt import budget
@@ -70,11 +68,8 @@ def command_line_problems(config, found: cli.Problems) -> list[int]:
   hf = _CHECKPOINT.value == "hf"
   budgets = [f"--{f.name}={f.value:g}" for f in (_FLOPS_BUDGET, _LATENCY_BUDGET)
              if f.value is not None]
-  for f in (_FLOPS_BUDGET, _LATENCY_BUDGET):
-    if f.value is not None and not (math.isfinite(f.value) and f.value > 0):
-      found.add(f"--{f.name}={f.value:g} must be a positive number")
-  if _LATENCY_TABLE.value and _LATENCY_BUDGET.value is None:
-    found.add(f"--latency_table={_LATENCY_TABLE.value} is read only with --latency_budget_ms")
+  found.add(budget.flag_problems(_FLOPS_BUDGET.value, _LATENCY_BUDGET.value,
+                                 _LATENCY_TABLE.value))
   if budgets:
     ms, field = [], ""
     if len(budgets) > 1 or _MS.value:

@@ -21,7 +21,6 @@ printed before any weight is read; a run that cannot fit stops there. --dry_run
 prints it and stops (no weights or images are read).
 """
 
-import math
 import sys
 
 from absl import flags
@@ -68,12 +67,8 @@ def selection_problems(config) -> list[str]:
                     f"{' and '.join(given) or 'none'})")
   if _M.value is not None:
     problems += validate.ms_problems(f"--m={_M.value}", [_M.value], big_m)
-  for f in (_FLOPS_BUDGET, _LATENCY_BUDGET):
-    if f.value is not None and not (math.isfinite(f.value) and f.value > 0):
-      problems.append(f"--{f.name}={f.value:g} must be a positive number")
-  if _LATENCY_TABLE.value and _LATENCY_BUDGET.value is None:
-    problems.append(f"--latency_table={_LATENCY_TABLE.value} is read only with "
-                    f"--latency_budget_ms")
+  problems += budget.flag_problems(_FLOPS_BUDGET.value, _LATENCY_BUDGET.value,
+                                   _LATENCY_TABLE.value)
   if _MAX_NEW.value is not None and _MAX_NEW.value < 1:
     problems.append(f"--max_new_tokens={_MAX_NEW.value} must be >= 1")
   return problems

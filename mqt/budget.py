@@ -75,6 +75,18 @@ def m_for_flops(model_cfg, flops_budget: float, text_len: int, max_new_tokens: i
   return max(fits)
 
 
+def flag_problems(flops_budget, latency_budget_ms, latency_table: str) -> list[str]:
+  """The budget flags of a command (--flops_budget, --latency_budget_ms, --latency_table):
+  each budget a positive finite number; a table only beside a latency budget."""
+  problems = [f"--{name}={value:g} must be a positive number"
+              for name, value in (("flops_budget", flops_budget),
+                                  ("latency_budget_ms", latency_budget_ms))
+              if value is not None and not (math.isfinite(value) and value > 0)]
+  if latency_table and latency_budget_ms is None:
+    problems.append(f"--latency_table={latency_table} is read only with --latency_budget_ms")
+  return problems
+
+
 def device_name() -> str:
   """This process's first device: platform and kind, the device count, and for a CPU
   the host's cores (e.g. "cpu cpu x8, 2 cores", "gpu NVIDIA H100 80GB HBM3 x1")."""

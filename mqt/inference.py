@@ -131,7 +131,7 @@ class Answerer:
     self.sampling = sampling
     self.seed = seed
     model, m = loaded.model, self.m
-    shapes = _input_shapes(loaded.model_cfg, batch_size, text_len)
+    shapes = input_shapes(loaded.model_cfg, batch_size, text_len)
     run = _generate_fn(model, m, sampling, seed)
     def first(params, images, ids, mask):
       return gen.prefill(model, params, images, ids, mask, m, sampling.max_new_tokens,
@@ -257,10 +257,11 @@ def _generate_fn(model: MQTLLaVA, m: int, sampling: gen.SamplingConfig, seed: in
   return run
 
 
-def _input_shapes(model_cfg: ModelConfig, batch_size: int, text_len: int):
-  size = model_cfg.vision.image_size
+def input_shapes(model_cfg: ModelConfig, batch_size: int, text_len: int):
+  """The abstract (images, prompt ids, mask) of a generation program's batch."""
+  vis = model_cfg.vision
   sds = jax.ShapeDtypeStruct
-  return (sds((batch_size, size, size, 3), jnp.float32),
+  return (sds((batch_size, vis.image_size, vis.image_size, vis.channels), jnp.float32),
           sds((batch_size, text_len), jnp.int32), sds((batch_size, text_len), jnp.bool_))
 
 
@@ -279,7 +280,7 @@ def serving_memory(config, model_cfg: ModelConfig, m: int, batch_size: int, text
   model = MQTLLaVA(model_cfg)
   with _mesh_and_rules(mesh, rules):
     compiled = jax.jit(_generate_fn(model, m, sampling, int(config.seed))).lower(
-        abstract, *_input_shapes(model_cfg, batch_size, text_len),
+        abstract, *input_shapes(model_cfg, batch_size, text_len),
         jax.ShapeDtypeStruct((), jnp.int32)).compile(compiler_options(model_cfg))
   fig = {**mem_lib.compiled_bytes(compiled), "params_bytes": mem_lib.shard_bytes(abstract)}
   platform = jax.devices()[0].platform

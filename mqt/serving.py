@@ -99,12 +99,9 @@ class BucketedGenerator:
     called after each. Adds the time to `compile_s`."""
     model, sampling, seed = self.loaded.model, self.sampling, self.seed
     cfg = self.loaded.model_cfg
-    size = cfg.vision.image_size
     sds = jax.ShapeDtypeStruct
-    b, t = self.batch_size, self.text_len
-    shapes = (sds((b, size, size, cfg.vision.channels), jnp.float32),
-              sds((b, t), jnp.int32), sds((b, t), jnp.bool_), sds((b,), jnp.int32),
-              sds((), jnp.int32))
+    shapes = inference.input_shapes(cfg, self.batch_size, self.text_len) + (
+        sds((self.batch_size,), jnp.int32), sds((), jnp.int32))
     for bucket in self.buckets:
       if bucket in self._programs:
         continue
@@ -166,19 +163,26 @@ class BucketedGenerator:
     if len(images) != n or len(ms) != n:
       raise ValueError(f"{n} prompts but {len(images)} images and {len(ms)} values of m")
     limits = self._limits(max_new_tokens, n)
-    bucket = max(self.bucket_of(m) for m in ms)
+    buckets = [self.bucket_of(m) for m in ms]
     prompts = [self.check_prompt(p) for p in prompts]
+    images = [self.check_image(image) for image in images]
+    return self.run_checked(images, prompts, [int(m) for m in ms], buckets, limits)
+
+  def run_checked(self, images, prompts, ms, buckets, limits) -> list[Result]:
+    """`run` on rows already checked (`bucket_of`, `check_prompt`, `check_image`,
+    `check_limit`: the Batcher checks each request once, at submit)."""
+    n = len(prompts)
+    bucket = max(buckets)
     if not self.ready:
       raise RuntimeError("the generator is still compiling: call compile() first")
     cfg = self.loaded.model_cfg
     size = cfg.vision.image_size
     batch = np.zeros((self.batch_size, size, size, cfg.vision.channels), np.float32)
-    for i, image in enumerate(images):
-      batch[i] = self.check_image(image)
+    batch[:n] = images
     ids, mask = inference.pad_prompts(prompts + [[self.pad_id]] * (self.batch_size - n),
                                       self.text_len, self.pad_id)
     m_rows = np.ones(self.batch_size, np.int32)
-    m_rows[:n] = [int(m) for m in ms]
+    m_rows[:n] = ms
     with self._lock:
       index = self._batches
       self._batches += 1
@@ -314,8 +318,9 @@ class Batcher:
         continue
       start = time.perf_counter()
       try:
-        results = self.generator.run([r.image for r in batch], [r.prompt for r in batch],
-                                     [r.m for r in batch], [r.limit for r in batch])
+        results = self.generator.run_checked(
+            [r.image for r in batch], [r.prompt for r in batch], [r.m for r in batch],
+            [r.bucket for r in batch], [r.limit for r in batch])
       except Exception as e:  # pylint: disable=broad-except  (fails this batch only)
         with self._cond:
           self._stats["failed_batches"] += 1

@@ -231,12 +231,12 @@ class _FakeGenerator:
   def check_limit(self, limit):
     return limit or 4
 
-  def run(self, images, prompts, ms, limits):
+  def run_checked(self, images, prompts, ms, buckets, limits):
     del images, limits
     self.calls.append(list(ms))
     if 5 in ms:
       raise RuntimeError("boom")
-    bucket = max(self.bucket_of(m) for m in ms)
+    bucket = max(buckets)
     return [serving.Result(str(p[0]), m, bucket, 2, 1, 0.0, 0.01, len(ms)) for p, m in
             zip(prompts, ms)]
 
