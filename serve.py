@@ -17,7 +17,9 @@ mix of m runs without compiling again (mqt/serving.py). The page at http://HOST:
 uploads an image, asks at an m or a FLOPs budget, and compares answers at several m.
 
 Every problem of the command line, the config, its files and the checkpoint is named
-at once (exit status 2) before any weight is read. The server listens as soon as the
+at once (exit status 2) before any weight is read. The memory the largest bucket's
+program needs is printed next; a server that cannot fit stops there (--dry_run prints
+it and stops). The server listens as soon as the
 weights are loaded: GET /health answers 503 while the programs compile, 200 once
 requests are served. Ctrl-C (SIGINT) or SIGTERM stops it cleanly.
 """
@@ -158,20 +160,27 @@ def main(argv):
   config = cli.apply_param_dtype(_CONFIG.value)
   workdir = _WORKDIR.value
   preflight(config, workdir)
-  checkpoint, _ = run_inputs.resolve_paths(config, workdir, _CHECKPOINT.value)
+  checkpoint, tok_path = run_inputs.resolve_paths(config, workdir, _CHECKPOINT.value)
   model_cfg = inference.model_config(config, checkpoint)
   big_m = model_cfg.query.num_queries
   default_m = matryoshka.validate_m(_DEFAULT_M.value or big_m, big_m)
   buckets = matryoshka.bucket_sizes(cli.int_list("buckets", _BUCKETS.value)[0], big_m) \
       if _BUCKETS.value else matryoshka.pow2_buckets(big_m)
   text_len = _MAX_PROMPT.value or config_lib.max_text_len(config, config.eval.data)
-  server = bind(_HOST.value, _PORT.value)
-  log(f"loading {checkpoint}")
-  loaded = inference.load(config, workdir, _CHECKPOINT.value, model_cfg)
   gen_cfg = config.eval.generation.copy_and_resolve_references()
   if _MAX_NEW.value is not None:
     with gen_cfg.unlocked():
       gen_cfg.max_new_tokens = _MAX_NEW.value
+  # The largest bucket's program bounds every bucket's: its memory is printed, and a server
+  # that cannot fit stops here, before any weight is read (--dry_run: print and stop).
+  _, sampling = inference.encode_prompts(config, tok_path, [], [], gen_cfg)
+  inference.plan_memory(config, model_cfg, max(buckets), _BATCH_SIZE.value, text_len,
+                        sampling, cli.DRY_RUN.value)
+  if cli.DRY_RUN.value:
+    return
+  server = bind(_HOST.value, _PORT.value)
+  log(f"loading {checkpoint}")
+  loaded = inference.load(config, workdir, _CHECKPOINT.value, model_cfg)
   sampling = inference.sampling_config(gen_cfg, loaded.tokenizer)
   generator = serving.BucketedGenerator(loaded, buckets, _BATCH_SIZE.value, text_len,
                                         sampling, seed=int(config.seed), compile=False)

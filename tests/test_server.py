@@ -387,6 +387,23 @@ class FakeEngine:
     return {"requests": self.calls}
 
 
+def test_dry_run_prints_the_largest_bucket_memory_and_stops(workdir):
+  """--dry_run: the memory of the largest bucket's program, then exit 0 without loading
+  weights or listening; a plan that cannot fit stops the server the same way, before
+  any weight (the 7B on a small host: docs/2026-12-06-serving.md)."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "serve.py"), "--config=configs/tiny.py",
+       f"--workdir={workdir}", "--config.run_stages=1", "--port=0", "--buckets=1,4",
+       "--batch_size=2", f"--max_new_tokens={MAX_NEW}", "--dry_run"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "memory of a generation run at m=9, batch 2," in out.stderr, out.stderr[-3000:]
+  assert f"up to {MAX_NEW} new tokens" in out.stderr
+  assert "listening:" not in out.stdout and "loading" not in out.stdout, out.stdout
+
+
 def test_handler_errors_are_json_and_the_server_survives(workdir):
   cfg = ModelConfig.from_config(tiny.get_config().model)
   tok = tokenizer_lib.Tokenizer.load(
